@@ -1,0 +1,235 @@
+"""Rows and tokens: validating and tokenizing K-way reward data and preference data.
+
+Accepted row formats (standard text or conversational messages, as in TRL):
+
+- reward: `prompt`, `completions` (list of K >= 2 responses), `rewards` (K finite numbers); K may differ per row;
+- preference: `prompt`/`chosen`/`rejected`, or `chosen`/`rejected` with an implicit prompt (their common prefix). A
+  preference row becomes K = 2 with rewards (1, 0) and hard labels.
+
+Tokenized rows carry `prompt_ids`, `completion_ids` (list of K token lists), `rewards` and `hard_labels`, and keep
+their original columns. Tokenization follows `trl.DPOTrainer` exactly (EOS appended to text completions, the chat
+template with `add_generation_prompt=True` for the prompt, `tools`/`chat_template_kwargs` columns, the completion
+starting where prompt and prompt+completion token ids diverge).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+from trl.data_utils import _tokenize, common_prefix_length, extract_prompt
+from trl.trainer.utils import global_then_local_main_first
+
+logger = logging.get_logger(__name__)
+
+REWARD_COLUMNS = ("prompt", "completions", "rewards")
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+TOKENIZED_COLUMNS = ("prompt_ids", "completion_ids", "rewards", "hard_labels")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def row_format(example: dict) -> str:
+    """`"reward"` or `"preference"`, from the columns a row has."""
+    if "completions" in example or "rewards" in example:
+        return "reward"
+    if all(column in example for column in PREFERENCE_COLUMNS):
+        return "preference"
+    raise ValueError(
+        f"Cannot tell the dataset format from its columns {sorted(example)}. trl-nca expects reward data "
+        "(`prompt`, `completions`, `rewards`) or preference data (`prompt`/`chosen`/`rejected`, or `chosen`/"
+        "`rejected` with an implicit prompt). To convert other layouts see `trl_nca.converters`."
+    )
+
+
+def _check_text_or_messages(value: Any, column: str, index: int, conversational: bool, role: str | None) -> None:
+    where = f"row {index}, column `{column}`"
+    if conversational:
+        if not _is_messages(value):
+            raise ValueError(
+                f"{where}: expected a list of chat messages ({{'role', 'content'}} dicts) like the prompt, got "
+                f"{_describe(value)}. A row cannot mix plain text and messages."
+            )
+        if any(not isinstance(m.get("content"), (str, list)) for m in value):
+            raise ValueError(f"{where}: every message needs a `content` string, got {_describe(value)}.")
+        if role is not None and not any(m["role"] == role for m in value):
+            raise ValueError(
+                f"{where}: a conversational completion needs an {role!r} turn, got roles {[m['role'] for m in value]}."
+            )
+        if role is not None and all(not m["content"] for m in value if m["role"] == role):
+            raise ValueError(f"{where}: the {role!r} turn is empty.")
+    else:
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{where}: expected a string like the prompt, got {type(value).__name__} {_describe(value)}. A row "
+                "cannot mix plain text and messages."
+            )
+        if role is not None and value == "":
+            raise ValueError(f"{where}: the completion is empty.")
+
+
+def validate_example(example: dict, index: int) -> None:
+    """Raise a `ValueError` naming the column, the row and what was expected if `example` is malformed."""
+    kind = row_format(example)
+    if kind == "preference":
+        for column in PREFERENCE_COLUMNS:
+            if example.get(column) is None:
+                raise ValueError(f"row {index}, column `{column}`: missing value.")
+        conversational = _is_messages(example["chosen"])
+        if "prompt" in example:
+            _check_text_or_messages(example["prompt"], "prompt", index, conversational, None)
+        for column in PREFERENCE_COLUMNS:
+            role = "assistant" if conversational and "prompt" in example else None
+            _check_text_or_messages(example[column], column, index, conversational, role)
+            if not conversational and "prompt" in example and example[column] == "":
+                raise ValueError(f"row {index}, column `{column}`: the completion is empty.")
+        return
+
+    for column in REWARD_COLUMNS:
+        if column not in example or example[column] is None:
+            raise ValueError(
+                f"row {index}: missing column `{column}`. Reward data needs `prompt`, `completions` (list of "
+                "responses) and `rewards` (list of numbers, one per response)."
+            )
+    prompt, completions, rewards = example["prompt"], example["completions"], example["rewards"]
+    conversational = _is_messages(prompt)
+    if not conversational and not isinstance(prompt, str):
+        raise ValueError(
+            f"row {index}, column `prompt`: expected a string or a list of chat messages, got {_describe(prompt)}."
+        )
+    for column, value in (("completions", completions), ("rewards", rewards)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"row {index}, column `{column}`: expected a list, got {type(value).__name__}.")
+    if len(completions) != len(rewards):
+        raise ValueError(
+            f"row {index}: `completions` has {len(completions)} responses but `rewards` has {len(rewards)} values; "
+            "they must match one to one."
+        )
+    if len(completions) < 2:
+        raise ValueError(
+            f"row {index}, column `completions`: expected at least 2 responses (K >= 2), got {len(completions)}."
+        )
+    for k, completion in enumerate(completions):
+        # `role` also switches on the empty-response check for text completions.
+        role = "assistant" if conversational else ""
+        _check_text_or_messages(completion, f"completions[{k}]", index, conversational, role)
+    for k, reward in enumerate(rewards):
+        if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
+            raise ValueError(f"row {index}, column `rewards[{k}]`: expected a number, got {_describe(reward)}.")
+        if not math.isfinite(reward):
+            raise ValueError(f"row {index}, column `rewards[{k}]`: expected a finite number, got {reward}.")
+
+
+def preference_to_kway(example: dict) -> dict:
+    """A (validated) preference row as a K = 2 reward row with hard labels: `rewards=[1, 0]`."""
+    if "prompt" not in example:
+        example = {**example, **extract_prompt(example)}
+    return {
+        "prompt": example["prompt"],
+        "completions": [example["chosen"], example["rejected"]],
+        "rewards": [1.0, 0.0],
+        "hard_labels": True,
+    }
+
+
+def tokenize_example(
+    example: dict, processing_class: PreTrainedTokenizerBase, eos_token: str | None = None
+) -> dict[str, Any]:
+    """Tokenize one reward row into `prompt_ids` and `completion_ids` (one list per response), as DPOTrainer does."""
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+    prompt = example["prompt"]
+    if _is_messages(prompt):
+        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
+        full_ids = [
+            _tokenize(processing_class, prompt + completion, **template_kwargs)["input_ids"]
+            for completion in example["completions"]
+        ]
+    else:
+        completions = [
+            c if eos_token is None or c.endswith(eos_token) else c + eos_token for c in example["completions"]
+        ]
+        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        full_ids = [_tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
+
+    # The completion starts where prompt and prompt+completion diverge (see trl.data_utils.common_prefix_length).
+    prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
+    if prompt_len < len(prompt_ids):
+        logger.warning_once(
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
+            "prompt alone differently, or tokens merge across the boundary). Responses start where they diverge: "
+            f"{processing_class.decode(prompt_ids[prompt_len:])!r} is left out of the prompt."
+        )
+    return {
+        "prompt_ids": prompt_ids[:prompt_len],
+        "completion_ids": [ids[prompt_len:] for ids in full_ids],
+        "rewards": [float(r) for r in example["rewards"]],
+        "hard_labels": bool(example.get("hard_labels", False)),
+    }
+
+
+def prepare_dataset(
+    dataset: Dataset | IterableDataset,
+    processing_class: PreTrainedTokenizerBase,
+    eos_token: str | None,
+    max_length: int | None,
+    truncation_mode: str,
+    num_proc: int | None = None,
+    dataset_name: str = "train",
+) -> Dataset | IterableDataset:
+    """Validate and tokenize a reward or preference dataset for the K-way trainers.
+
+    Already tokenized datasets (with `prompt_ids` and `completion_ids`) are returned unchanged. With `max_length` and
+    `keep_start` truncation, rows whose prompt alone fills `max_length` are dropped (they have no response tokens
+    left), with a warning that counts them.
+    """
+    first = next(iter(dataset))
+    if "prompt_ids" in first and "completion_ids" in first:
+        return dataset
+    if "image" in first or "images" in first:
+        raise ValueError("Vision datasets (`image`/`images` columns) are not supported by the K-way trainers.")
+    kind = row_format(first)
+    map_kwargs: dict[str, Any] = {}
+    is_map_style = isinstance(dataset, Dataset)
+    if is_map_style:
+        map_kwargs["num_proc"] = num_proc
+
+    def process(example: dict, index: int) -> dict:
+        if row_format(example) != kind:
+            raise ValueError(f"row {index}: the dataset mixes reward rows and preference rows.")
+        validate_example(example, index)
+        if kind == "preference":
+            example = preference_to_kway(example)
+        return tokenize_example(example, processing_class, eos_token)
+
+    with global_then_local_main_first():
+        if is_map_style:
+            map_kwargs["desc"] = f"Validating and tokenizing {dataset_name} dataset"
+        dataset = dataset.map(process, with_indices=True, **map_kwargs)
+        if max_length is not None and truncation_mode == "keep_start":
+            keep = lambda example: len(example["prompt_ids"]) < max_length  # noqa: E731
+            if is_map_style:
+                n_before = len(dataset)
+                map_kwargs["desc"] = f"Dropping {dataset_name} prompts longer than max_length"
+                dataset = dataset.filter(keep, **map_kwargs)
+                if len(dataset) < n_before:
+                    logger.warning(
+                        f"Dropped {n_before - len(dataset)} of {n_before} {dataset_name} rows whose prompt alone has "
+                        f">= max_length={max_length} tokens: no response token would survive truncation."
+                    )
+            else:
+                dataset = dataset.filter(keep)
+    return dataset

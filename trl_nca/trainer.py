@@ -1,0 +1,369 @@
+"""NCATrainer and InfoNCATrainer: `trl.DPOTrainer` subclasses that train on K scored responses per prompt.
+
+They reuse everything DPOTrainer does (model/ref-model/PEFT/quantization setup, DeepSpeed and FSDP handling of the
+reference model, the fused LM head, metrics logging, evaluation, checkpoints and the model card) and override only the
+hooks that hard-code chosen/rejected pairs: dataset preparation, signature columns, reference log-prob
+(pre)computation and the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import textwrap
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import broadcast_object_list, is_peft_model
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from trl import DPOTrainer
+from trl.models import prepare_deepspeed
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, use_adapter
+
+from . import losses
+from .collator import DataCollatorForKWayReward
+from .config import InfoNCAConfig, NCAConfig, _RewardAlignmentConfig
+from .data import prepare_dataset
+
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+_NCA_CITATION = textwrap.dedent(
+    """\
+    @inproceedings{chen2024noise,
+        title        = {{Noise Contrastive Alignment of Language Models with Explicit Rewards}},
+        author       = {Huayu Chen and Guande He and Lifan Yuan and Ganqu Cui and Hang Su and Jun Zhu},
+        year         = 2024,
+        booktitle    = {Advances in Neural Information Processing Systems 38 (NeurIPS 2024)},
+        eprint       = {arXiv:2402.05369},
+    }"""
+)
+
+
+class _KWayRewardTrainer(DPOTrainer):
+    """Shared base of [`NCATrainer`] and [`InfoNCATrainer`]; they differ only in `_loss_fn` and card metadata."""
+
+    _config_class: type[_RewardAlignmentConfig]
+    _loss_fn: Callable[..., torch.Tensor]
+    _paper = {
+        "title": "Noise Contrastive Alignment of Language Models with Explicit Rewards",
+        "id": "2402.05369",
+        "citation": _NCA_CITATION,
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: _RewardAlignmentConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self._config_class.__name__} (a DPOConfig subclass with the reward "
+                f"temperature `alpha`), got {type(args).__name__}. Replace `DPOConfig(...)` with "
+                f"`{self._config_class.__name__}(...)`; every DPOConfig field keeps its meaning."
+            )
+        if train_dataset is not None:
+            sample = next(iter(train_dataset))
+            if "image" in sample or "images" in sample:
+                raise ValueError(f"{type(self).__name__} does not support vision datasets (`image`/`images`).")
+
+        # The collator must exist before DPOTrainer.__init__, which precomputes reference log-probs with it, so the
+        # tokenizer (and its pad token) is resolved here the way DPOTrainer resolves it.
+        if processing_class is None:
+            model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+            processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = args.pad_token or tokenizer.eos_token
+        if data_collator is None:
+            data_collator = DataCollatorForKWayReward(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        self.alpha = args.alpha
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+
+    # ------------------------------------------------------------------------------------------------ data hooks
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return prepare_dataset(
+            dataset,
+            processing_class,
+            eos_token=self._tokenizer.eos_token,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            num_proc=args.dataset_num_proc,
+            dataset_name=dataset_name,
+        )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "hard_labels", "ref_logps"]
+
+    # ------------------------------------------------------------------------------------------------ log-probs
+    def _forward_logps(self, model, inputs: dict[str, torch.Tensor], **model_kwargs):
+        """One forward through the fused LM head; returns the outputs and per-response log-probs `(B, K_max)`."""
+        kwargs = {key: inputs[key] for key in _MODEL_INPUT_KEYS if key in inputs}
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**kwargs, **model_kwargs, use_cache=False, labels=labels, fused_lm_head=True)
+        token_mask = completion_mask[:, 1:]
+        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
+        per_token = outputs.log_probs[:, -token_mask.size(1) :]
+        row_logps = (per_token * token_mask).sum(dim=1)
+        return outputs, self._place_responses(row_logps, inputs)
+
+    @staticmethod
+    def _place_responses(values: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scatter the N per-response values of a layout into `(B, K_max)` (zero on padding slots)."""
+        shape = inputs["response_mask"].shape
+        flat = values.new_zeros(shape.numel()).index_copy(0, inputs["response_index"].to(values.device), values)
+        return flat.view(shape)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs `(B, K_max)` of one batch, without gradient (adapter disabled for PEFT)."""
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            _, ref_logps = self._forward_logps(model, inputs)
+        return ref_logps
+
+    def _reference_logps(self, inputs):
+        if self.precompute_ref_logps:
+            return inputs["ref_logps"]
+        if self.ref_model is None and is_peft_model(self.model):
+            return self.compute_ref_log_probs(self.model, inputs)
+        return self.compute_ref_log_probs(self.ref_model, inputs)
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """Compute the reference log-probs of every response once, cached on disk like DPOTrainer's (`ref_logps`)."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` needs a map-style Dataset, not an IterableDataset. Use a Dataset or "
+                "set `precompute_ref_log_probs=False`."
+            )
+        if "ref_logps" in dataset.column_names:
+            return dataset
+        # Rank-dependent inputs (ZeRO-3 shards the model): share rank 0's fingerprint so all ranks use one cache file.
+        fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "trl_nca.ref_logps"))]
+        broadcast_object_list(fingerprint, from_process=0)
+        cache_file = dataset._get_cache_file_path(fingerprint[0])
+        if not os.path.exists(cache_file):
+            loader = self.accelerator.prepare(
+                DataLoader(
+                    dataset,
+                    batch_size=batch_size,
+                    collate_fn=self.data_collator,
+                    num_workers=self.args.dataloader_num_workers,
+                    pin_memory=self.args.dataloader_pin_memory,
+                    shuffle=False,
+                )
+            )
+            if self.ref_model is None and self.is_deepspeed_enabled:
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            else:
+                model = self.ref_model or self.model
+            rows: list[list[float]] = []
+            for batch in tqdm(
+                loader,
+                desc=f"Computing reference log probs for {name} dataset",
+                disable=bool(os.environ.get("TQDM_DISABLE", "")),
+            ):
+                ref_logps = self.compute_ref_log_probs(model, batch)
+                mask = batch["response_mask"]
+                # Pad K across ranks before gathering: batches on different ranks may have different K_max.
+                ref_logps, mask = self.accelerator.pad_across_processes((ref_logps, mask.long()), dim=1)
+                ref_logps, mask = self.accelerator.gather_for_metrics((ref_logps, mask))
+                for values, row_mask in zip(ref_logps.float().cpu(), mask.bool().cpu()):
+                    rows.append(values[row_mask].tolist())
+            if self.accelerator.is_main_process:
+                dataset.map(
+                    lambda _, index: {"ref_logps": rows[index]},
+                    with_indices=True,
+                    remove_columns=dataset.column_names,
+                    new_fingerprint=fingerprint[0],
+                    cache_file_name=cache_file,
+                    desc=f"Caching reference log probs for {name} dataset",
+                )
+            self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs, policy_logps = self._forward_logps(model, inputs, **model_kwargs)
+        ref_logps = self._reference_logps(inputs).to(policy_logps.device)
+        rewards, mask = inputs["rewards"], inputs["response_mask"]
+        alpha = torch.where(inputs["hard_labels"], 0.0, float(self.alpha)).to(rewards.device)
+
+        loss = policy_logps.new_zeros((), dtype=torch.float32)
+        for loss_type, weight in zip(self.loss_types, self.loss_weights):
+            if loss_type == "sft":
+                loss = loss + weight * self._best_response_nll(outputs, inputs)
+            else:
+                per_prompt = type(self)._loss_fn(
+                    policy_logps, ref_logps, rewards, beta=self.beta, alpha=alpha, mask=mask
+                )
+                loss = loss + weight * per_prompt.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_metrics(mode, outputs, inputs, policy_logps.detach(), ref_logps, alpha)
+        if return_outputs:
+            # The fused head does not build logits; compute_metrics needs them, so recompute them (as DPOTrainer does).
+            with torch.no_grad():
+                outputs = model(**{k: inputs[k] for k in _MODEL_INPUT_KEYS if k in inputs}, use_cache=False)
+            return loss, outputs
+        return loss
+
+    def _best_response_nll(self, outputs, inputs) -> torch.Tensor:
+        """Negative log-likelihood of each prompt's best-rewarded response, averaged over its tokens (TRL's `sft`)."""
+        rewards = inputs["rewards"].masked_fill(~inputs["response_mask"], float("-inf"))
+        best_slots = rewards.argmax(dim=-1) + torch.arange(rewards.size(0), device=rewards.device) * rewards.size(1)
+        is_best_row = torch.isin(inputs["response_index"].to(rewards.device), best_slots)
+        token_mask = inputs["completion_mask"][:, 1:].bool() & is_best_row.unsqueeze(1)
+        per_token = outputs.log_probs[:, -token_mask.size(1) :]
+        return -per_token[token_mask].mean()
+
+    # ------------------------------------------------------------------------------------------------ metrics
+    def _log_metrics(self, mode, outputs, inputs, policy_logps, ref_logps, alpha) -> None:
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        mask, given = inputs["response_mask"], inputs["rewards"]
+        token_mask = inputs["completion_mask"][:, 1:]
+
+        per_token_entropy = outputs.entropy[:, -token_mask.size(1) :].detach()
+        entropy_sum = gather((per_token_entropy * token_mask).sum()).sum()
+        n_tokens = gather(token_mask.sum()).sum()
+        metrics["entropy"].append((entropy_sum / n_tokens).item() if n_tokens > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        model_reward = losses.model_rewards(policy_logps, ref_logps, self.beta)
+        weights = losses.target_weights(given, alpha, mask)
+        metrics["target_weights/entropy"].append(gather(losses.weight_entropy(weights, mask)).mean().item())
+
+        # Responses ranked by their given reward (rank 0 = best); ties keep the dataset order.
+        order = given.masked_fill(~mask, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        ranked_reward, ranked_logps = model_reward.gather(1, order), policy_logps.float().gather(1, order)
+        ranked_mask = mask.gather(1, order)
+        per_rank = torch.stack(
+            [(ranked_reward * ranked_mask).sum(0), (ranked_logps * ranked_mask).sum(0), ranked_mask.sum(0).float()]
+        )
+        per_rank = self.accelerator.pad_across_processes(per_rank, dim=1)
+        per_rank = self.accelerator.gather(per_rank).view(-1, *per_rank.shape).sum(0)
+        for k in range(per_rank.size(1)):
+            if per_rank[2, k] > 0:
+                metrics[f"rewards/rank_{k}"].append((per_rank[0, k] / per_rank[2, k]).item())
+                metrics[f"logps/rank_{k}"].append((per_rank[1, k] / per_rank[2, k]).item())
+
+        # "chosen" = the best response, "rejected" = the mean of the others, so TRL dashboards keep working.
+        n_others = (mask.sum(-1) - 1).clamp_min(1)
+        best_reward, best_logps = ranked_reward[:, 0], ranked_logps[:, 0]
+        rest_reward = (ranked_reward * ranked_mask)[:, 1:].sum(-1) / n_others
+        rest_logps = (ranked_logps * ranked_mask)[:, 1:].sum(-1) / n_others
+        # Ranking accuracy: the best-rewarded response(s) get a higher model reward than every worse response.
+        top = given.masked_fill(~mask, float("-inf")).max(-1, keepdim=True).values
+        is_top = (given == top) & mask
+        is_worse = mask & ~is_top
+        top_model = model_reward.masked_fill(~is_top, float("-inf")).max(-1).values
+        worse_model = model_reward.masked_fill(~is_worse, float("-inf")).max(-1).values
+        accuracy = torch.where(is_worse.any(-1), (top_model > worse_model).float(), torch.nan)
+        stats = gather(torch.stack([best_reward, rest_reward, best_logps, rest_logps, accuracy], dim=1))
+        best_reward, rest_reward, best_logps, rest_logps, accuracy = stats.unbind(1)
+        metrics["rewards/chosen"].append(best_reward.mean().item())
+        metrics["rewards/rejected"].append(rest_reward.mean().item())
+        metrics["rewards/margins"].append((best_reward - rest_reward).mean().item())
+        metrics["logps/chosen"].append(best_logps.mean().item())
+        metrics["logps/rejected"].append(rest_logps.mean().item())
+        if not bool(torch.isnan(accuracy).all()):
+            metrics["rewards/accuracies"].append(accuracy.nanmean().item())
+
+
+class NCATrainer(_KWayRewardTrainer):
+    """Trainer for NCA (Noise Contrastive Alignment) on K scored responses per prompt, or on preference pairs.
+
+    A drop-in replacement for `trl.DPOTrainer` (same constructor) that takes an [`NCAConfig`]. Per prompt, with
+    model rewards `ρ_i = β (log π_θ(y_i|x) − log μ(y_i|x))` and target weights `w = softmax(r / α)`, the loss is
+    `−Σ_i w_i log σ(ρ_i) − (1/K) Σ_i log σ(−ρ_i)`. Unlike DPO/InfoNCA it optimises each response's absolute
+    likelihood ratio, which keeps the likelihood of the best responses from falling.
+
+    Datasets: reward rows (`prompt`, `completions`, `rewards`; K may vary per row) or preference rows (`prompt`/
+    `chosen`/`rejected`, or implicit prompt), standard text or conversational. On preference data the loss equals
+    TRL's `loss_type="nca_pair"`.
+
+    Example:
+    ```python
+    from datasets import Dataset
+    from trl_nca import NCAConfig, NCATrainer
+
+    dataset = Dataset.from_list([
+        {"prompt": "2+2=", "completions": ["4", "5", "22"], "rewards": [1.0, 0.2, 0.0]},
+    ])
+    trainer = NCATrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=NCAConfig("out", alpha=0.5), train_dataset=dataset)
+    trainer.train()
+    ```
+    """
+
+    _config_class = NCAConfig
+    _loss_fn = staticmethod(losses.nca_loss)
+    _tag_names = ["trl", "nca"]
+    _name = "NCA"
+
+
+class InfoNCATrainer(_KWayRewardTrainer):
+    """Trainer for InfoNCA on K scored responses per prompt, or on preference pairs.
+
+    A drop-in replacement for `trl.DPOTrainer` (same constructor) that takes an [`InfoNCAConfig`]. Per prompt the
+    loss is the cross-entropy `−Σ_i w_i log softmax(ρ)_i` between the reward softmax `w = softmax(r / α)` and the
+    model-reward softmax, with `ρ_i = β (log π_θ(y_i|x) − log μ(y_i|x))`. On preference data it equals DPO
+    (`loss_type="sigmoid"`).
+    """
+
+    _config_class = InfoNCAConfig
+    _loss_fn = staticmethod(losses.infonca_loss)
+    _tag_names = ["trl", "infonca"]
+    _name = "InfoNCA"
