@@ -9,8 +9,18 @@ A batch of B prompts with K_b responses each becomes two groups of tensors:
   `ref_logps` `(B, K_max)` when precomputed, and `response_index` `(N,)`: the flat slot `b * K_max + k` of each of
   the N real responses, in the order the layout scores them.
 
-The trainer only relies on `completion_mask` to sum token log-probs per response and on `response_index` to place
-them in `(B, K_max)`, so another layout can replace the padded one without touching the loss.
+Layouts (`layout=`):
+
+- `"padded"`: one right-padded row per (prompt, response), example-major: the responses of prompt 0 first, then those
+  of prompt 1, ... Rows exist only for real responses (ragged K costs nothing). The prompt is computed K times.
+- `"shared_prompt"`: one row per prompt, `P[:-1] | P[-1] R_1 | P[-1] R_2 | ...`: the prompt once, then each response
+  as a branch that attends to the prompt and causally to itself only (a 4D mask, `(B, 1, L, L)` bool, True = attend),
+  with `position_ids` continuing from the prompt in every branch. The last prompt token is repeated at the head of
+  each branch so TRL's fused LM head, which scores one label per position, predicts every response's first token.
+  Adds `response_ids` (`(B, L)`, the ordinal of the response a token belongs to, -1 elsewhere) and `padding_mask`.
+
+The trainer sums token log-probs per response with `completion_mask` (and `response_ids` when present) and places
+them in `(B, K_max)` with `response_index`, so the layout never reaches the loss.
 """
 
 from __future__ import annotations
@@ -41,6 +51,9 @@ class DataCollatorForKWayReward:
         max_length: each prompt+response sequence is truncated to this many tokens (None = no truncation).
         truncation_mode: `"keep_start"` (default) or `"keep_end"`, as in `trl.DPOConfig`.
         pad_to_multiple_of: pad the sequence length to a multiple of this value.
+        layout: `"padded"` (default) or `"shared_prompt"` (see the module docstring).
+        sliding_window: with `"shared_prompt"`, the model's sliding attention window, baked into the 4D mask (a 4D
+            mask replaces the model's own mask, window included). None = full attention.
         return_tensors: only `"pt"` is supported.
 
     Example:
@@ -56,11 +69,25 @@ class DataCollatorForKWayReward:
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
+    layout: str = "padded"
+    sliding_window: int | None = None
     return_tensors: str = "pt"
+
+    def __post_init__(self):
+        if self.layout not in ("padded", "shared_prompt"):
+            raise ValueError(f"Unknown layout {self.layout!r}: expected 'padded' or 'shared_prompt'.")
+        if self.layout == "shared_prompt" and self.max_length is not None and self.truncation_mode != "keep_start":
+            raise ValueError(
+                "The shared_prompt layout truncates responses only (`truncation_mode='keep_start'`): with "
+                "'keep_end' each response would keep a different part of the prompt. Use layout='padded'."
+            )
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.collate_targets(examples)
-        batch.update(self.collate_sequences(examples))
+        if self.layout == "shared_prompt":
+            batch.update(self.collate_shared_prompt(examples))
+        else:
+            batch.update(self.collate_sequences(examples))
         return batch
 
     @staticmethod
@@ -102,4 +129,47 @@ class DataCollatorForKWayReward:
             "input_ids": pad(input_ids, self.pad_token_id, "right", self.pad_to_multiple_of),
             "attention_mask": pad(attention_mask, 0, "right", self.pad_to_multiple_of),
             "completion_mask": pad(completion_mask, 0, "right", self.pad_to_multiple_of),
+        }
+
+    def collate_shared_prompt(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The shared-prompt layout: one row per prompt, its responses as branches after it."""
+        rows = []  # per prompt: (token ids, positions, branch group (0 = prompt), completion flags, response ordinal)
+        ordinal = 0
+        for example in examples:
+            prompt = example["prompt_ids"]
+            prefix, head = prompt[:-1], prompt[-1:]
+            ids, pos = list(prefix), list(range(len(prefix)))
+            group, completion, response = [0] * len(prefix), [0] * len(prefix), [-1] * len(prefix)
+            for k, completion_ids in enumerate(example["completion_ids"]):
+                if self.max_length is not None:  # the same tokens survive as in the padded layout's keep_start
+                    completion_ids = completion_ids[: max(self.max_length - len(prompt), 0)]
+                branch = head + completion_ids
+                ids += branch
+                pos += range(len(prefix), len(prefix) + len(branch))
+                group += [k + 1] * len(branch)
+                completion += [0] * len(head) + [1] * len(completion_ids)
+                response += [-1] * len(head) + [ordinal] * len(completion_ids)
+                ordinal += 1
+            rows.append((ids, pos, group, completion, response))
+
+        def stack(column: int, padding_value: int) -> torch.Tensor:
+            tensors = [torch.tensor(row[column], dtype=torch.long) for row in rows]
+            return pad(tensors, padding_value, "right", self.pad_to_multiple_of)
+
+        input_ids, position_ids = stack(0, self.pad_token_id), stack(1, 0)
+        group, completion_mask, response_ids = stack(2, -1), stack(3, 0), stack(4, -1)
+        # q attends k: k is in the prompt or in q's own branch, and k is not after q (positions); padding tokens
+        # (group -1) only see padding, which keeps every softmax row non-empty.
+        g_q, g_k = group.unsqueeze(2), group.unsqueeze(1)
+        p_q, p_k = position_ids.unsqueeze(2), position_ids.unsqueeze(1)
+        allowed = (((g_k == 0) & (g_q >= 0)) | (g_k == g_q)) & (p_k <= p_q)
+        if self.sliding_window is not None:
+            allowed &= p_q - p_k < self.sliding_window
+        return {
+            "input_ids": input_ids,
+            "attention_mask": allowed.unsqueeze(1),
+            "position_ids": position_ids,
+            "completion_mask": completion_mask,
+            "response_ids": response_ids,
+            "padding_mask": (group >= 0).long(),
         }

@@ -34,6 +34,12 @@ class _RewardAlignmentConfig(DPOConfig):
         beta (`float`, *optional*, defaults to `0.1`):
             β of the model reward `β · (log π_θ(y|x) − log μ(y|x))`: the strength of the KL regularisation towards the
             reference model. The authors used 0.01 on UltraFeedback with Mistral-7B.
+        kway_layout (`str`, *optional*, defaults to `"auto"`):
+            How the K responses of a prompt are laid out for the forward pass. `"shared_prompt"` computes the prompt
+            once, its responses as branches after it (a 4D attention mask and explicit position ids); `"padded"` runs
+            one padded prompt+response row per response (the prompt K times, the authors' layout). `"auto"` picks
+            `"shared_prompt"` when the model supports it (sdpa or eager attention, no MoE router aux loss, no
+            prompt-learning PEFT, `keep_start` truncation) and logs the reason once when it falls back to `"padded"`.
         loss_type (`list[str]`):
             The trainer's own loss (`"nca"` for [`NCATrainer`], `"infonca"` for [`InfoNCATrainer`]), optionally with
             `"sft"` (negative log-likelihood of each prompt's best response, averaged over its tokens), combined
@@ -52,6 +58,15 @@ class _RewardAlignmentConfig(DPOConfig):
         metadata={"help": "β of the model reward β·(log π − log μ): KL regularisation strength."},
     )
 
+    kway_layout: str = field(
+        default="auto",
+        metadata={
+            "help": "Forward layout of the K responses: 'shared_prompt' (prompt computed once), 'padded' (one row per "
+            "response), or 'auto' (shared_prompt when the model supports it).",
+            "choices": ["auto", "shared_prompt", "padded"],
+        },
+    )
+
     _own_loss: ClassVar[str] = ""  # the trainer's own loss name, set by the subclasses
 
     def __post_init__(self):
@@ -60,6 +75,8 @@ class _RewardAlignmentConfig(DPOConfig):
             raise ValueError(f"`alpha` (reward temperature) must be a finite number >= 0, got {self.alpha!r}.")
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"`beta` must be a finite number > 0, got {self.beta!r}.")
+        if self.kway_layout not in ("auto", "shared_prompt", "padded"):
+            raise ValueError(f"`kway_layout` must be 'auto', 'shared_prompt' or 'padded', got {self.kway_layout!r}.")
         allowed = {self._own_loss, "sft"}
         unknown = [name for name in self.loss_type if name not in allowed]
         if unknown or self._own_loss not in self.loss_type:

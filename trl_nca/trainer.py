@@ -19,7 +19,8 @@ from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.utils import logging
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
@@ -30,7 +31,54 @@ from .collator import DataCollatorForKWayReward
 from .config import InfoNCAConfig, NCAConfig, _RewardAlignmentConfig
 from .data import prepare_dataset
 
+logger = logging.get_logger(__name__)
+
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+_MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tuple[str, int | None]:
+    """Pick the collator layout for `args.kway_layout` and the model; returns (layout, sliding window).
+
+    `"auto"` falls back to `"padded"` (logging why) when the shared-prompt layout cannot be exact; asking for
+    `"shared_prompt"` explicitly in such a case raises with the same reason.
+    """
+    if args.kway_layout == "padded":
+        return "padded", None
+    if isinstance(model, str):
+        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+        attn = (args.model_init_kwargs or {}).get("attn_implementation") or "sdpa"
+    else:
+        config = model.config
+        attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    text_config = config.get_text_config()
+    layer_types = set(getattr(text_config, "layer_types", None) or [])
+    window = getattr(text_config, "sliding_window", None) if layer_types <= {"sliding_attention"} else None
+    aux_coef = args.router_aux_loss_coef
+    aux_coef = getattr(text_config, "router_aux_loss_coef", 0.0) if aux_coef is None else aux_coef
+    peft_type = getattr(peft_config, "is_prompt_learning", False) or getattr(
+        getattr(model, "active_peft_config", None), "is_prompt_learning", False
+    )
+    reason = None
+    if attn not in _MASKABLE_ATTENTION:
+        reason = f"attn_implementation={attn!r} takes no custom 4D attention mask (use 'sdpa' or 'eager')"
+    elif len(layer_types) > 1:
+        reason = f"the model mixes attention types per layer ({sorted(layer_types)}), one 4D mask cannot serve both"
+    elif hasattr(text_config, "output_router_logits") and aux_coef:
+        reason = "the MoE router aux loss is computed per padded row (set router_aux_loss_coef=0 to share the prompt)"
+    elif peft_type:
+        reason = "prompt-learning PEFT prepends virtual tokens, which the shared-prompt positions do not account for"
+    elif args.max_length is not None and args.truncation_mode != "keep_start":
+        reason = "truncation_mode='keep_end' would keep a different part of the prompt for each response"
+    elif getattr(config, "is_encoder_decoder", False):
+        reason = "encoder-decoder models are not supported by the shared-prompt layout"
+    if reason is None:
+        return "shared_prompt", window
+    if args.kway_layout == "shared_prompt":
+        raise ValueError(f"kway_layout='shared_prompt' cannot be used here: {reason}.")
+    logger.warning_once(f"Using the padded K-way layout (the prompt is computed once per response) because {reason}.")
+    return "padded", None
+
 
 _NCA_CITATION = textwrap.dedent(
     """\
@@ -93,11 +141,14 @@ class _KWayRewardTrainer(DPOTrainer):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = args.pad_token or tokenizer.eos_token
         if data_collator is None:
+            layout, window = resolve_layout(args, model, peft_config)
             data_collator = DataCollatorForKWayReward(
                 pad_token_id=tokenizer.pad_token_id,
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
+                layout=layout,
+                sliding_window=window,
             )
         self.alpha = args.alpha
         super().__init__(
@@ -132,17 +183,40 @@ class _KWayRewardTrainer(DPOTrainer):
             self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "hard_labels", "ref_logps"]
 
     # ------------------------------------------------------------------------------------------------ log-probs
+    def _model_inputs(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The layout's model inputs; a 4D bool mask becomes additive in the model's dtype (eager needs it)."""
+        kwargs = {key: inputs[key] for key in _MODEL_INPUT_KEYS if key in inputs}
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
+            dtype = getattr(self.accelerator.unwrap_model(model), "dtype", torch.float32)
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min
+            )
+        return kwargs
+
+    @staticmethod
+    def _token_response_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """For each scored position (labels shifted by one), the ordinal of its response, or -1."""
+        if "response_ids" in inputs:
+            return inputs["response_ids"][:, 1:]
+        completion_mask = inputs["completion_mask"][:, 1:]
+        rows = torch.arange(completion_mask.size(0), device=completion_mask.device).unsqueeze(1)
+        return torch.where(completion_mask.bool(), rows, -1)
+
     def _forward_logps(self, model, inputs: dict[str, torch.Tensor], **model_kwargs):
         """One forward through the fused LM head; returns the outputs and per-response log-probs `(B, K_max)`."""
-        kwargs = {key: inputs[key] for key in _MODEL_INPUT_KEYS if key in inputs}
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**kwargs, **model_kwargs, use_cache=False, labels=labels, fused_lm_head=True)
-        token_mask = completion_mask[:, 1:]
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        outputs = model(
+            **self._model_inputs(model, inputs), **model_kwargs, use_cache=False, labels=labels, fused_lm_head=True
+        )
+        response_ids = self._token_response_ids(inputs)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
-        per_token = outputs.log_probs[:, -token_mask.size(1) :]
-        row_logps = (per_token * token_mask).sum(dim=1)
-        return outputs, self._place_responses(row_logps, inputs)
+        per_token = outputs.log_probs[:, -response_ids.size(1) :]
+        scored = response_ids >= 0
+        n_responses = inputs["response_index"].numel()
+        logps = per_token.new_zeros(n_responses).index_add(0, response_ids[scored], per_token[scored])
+        return outputs, self._place_responses(logps, inputs)
 
     @staticmethod
     def _place_responses(values: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -254,7 +328,7 @@ class _KWayRewardTrainer(DPOTrainer):
         if return_outputs:
             # The fused head does not build logits; compute_metrics needs them, so recompute them (as DPOTrainer does).
             with torch.no_grad():
-                outputs = model(**{k: inputs[k] for k in _MODEL_INPUT_KEYS if k in inputs}, use_cache=False)
+                outputs = model(**self._model_inputs(model, inputs), use_cache=False)
             return loss, outputs
         return loss
 
@@ -262,8 +336,10 @@ class _KWayRewardTrainer(DPOTrainer):
         """Negative log-likelihood of each prompt's best-rewarded response, averaged over its tokens (TRL's `sft`)."""
         rewards = inputs["rewards"].masked_fill(~inputs["response_mask"], float("-inf"))
         best_slots = rewards.argmax(dim=-1) + torch.arange(rewards.size(0), device=rewards.device) * rewards.size(1)
-        is_best_row = torch.isin(inputs["response_index"].to(rewards.device), best_slots)
-        token_mask = inputs["completion_mask"][:, 1:].bool() & is_best_row.unsqueeze(1)
+        slot_ordinal = torch.full((rewards.numel(),), -1, dtype=torch.long, device=rewards.device)
+        slot_ordinal[inputs["response_index"]] = torch.arange(inputs["response_index"].numel(), device=rewards.device)
+        response_ids = self._token_response_ids(inputs)
+        token_mask = torch.isin(response_ids, slot_ordinal[best_slots]) & (response_ids >= 0)
         per_token = outputs.log_probs[:, -token_mask.size(1) :]
         return -per_token[token_mask].mean()
 
@@ -273,13 +349,13 @@ class _KWayRewardTrainer(DPOTrainer):
         metrics = self._metrics[mode]
         mask, given = inputs["response_mask"], inputs["rewards"]
         token_mask = inputs["completion_mask"][:, 1:]
-
         per_token_entropy = outputs.entropy[:, -token_mask.size(1) :].detach()
         entropy_sum = gather((per_token_entropy * token_mask).sum()).sum()
         n_tokens = gather(token_mask.sum()).sum()
         metrics["entropy"].append((entropy_sum / n_tokens).item() if n_tokens > 0 else 0.0)
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+            real_tokens = inputs.get("padding_mask", inputs["attention_mask"]).sum()
+            self._total_train_tokens += gather(real_tokens).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 
         model_reward = losses.model_rewards(policy_logps, ref_logps, self.beta)

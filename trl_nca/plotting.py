@@ -1,0 +1,185 @@
+"""Plots of a finished (or running) trl-nca / TRL run, from the `log_history` in its `trainer_state.json`.
+
+`plot_run(output_dir)` draws, for train and (when logged) eval:
+
+- `logps.png`: the policy log-likelihood of each response rank over steps, `logps/rank_0..rank_{K-1}` (rank 0 = the
+  best-rewarded response); the figure that shows whether the best response's likelihood goes up (NCA) or down
+  (DPO/InfoNCA). A pairwise run (`logps/chosen`, `logps/rejected` only, e.g. a DPO baseline) is drawn the same way;
+- `rewards.png`: the implicit reward `beta * log(pi/ref)` per rank (`rewards/rank_k`, or `rewards/chosen`/`rejected`);
+- `accuracies.png`: the ranking accuracy `rewards/accuracies`;
+- `loss.png`: `loss` and `eval_loss`.
+
+A figure is written only when its metrics were logged. matplotlib is an optional dependency (`pip install
+"trl-nca[plot]"`); it is imported when a plot is drawn, through its object-oriented API on the Agg canvas, so it never
+touches the global pyplot backend.
+
+Command line: `trl-nca plot OUTPUT_DIR [--out DIR]` (dispatched to :func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["find_trainer_state", "load_log_history", "metric_series", "plot_run", "main"]
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def find_trainer_state(output_dir: str | Path) -> Path:
+    """The `trainer_state.json` of a run: `output_dir/trainer_state.json`, else the one in the `checkpoint-N`
+    subdirectory with the largest N, else `output_dir` itself when it is the file.
+
+    Raises:
+        FileNotFoundError: when there is none.
+    """
+    path = Path(output_dir)
+    if path.is_file():
+        return path
+    direct = path / "trainer_state.json"
+    if direct.is_file():
+        return direct
+    checkpoints = []
+    if path.is_dir():
+        for child in path.iterdir():
+            match = _CHECKPOINT.match(child.name)
+            if match and (child / "trainer_state.json").is_file():
+                checkpoints.append((int(match.group(1)), child / "trainer_state.json"))
+    if not checkpoints:
+        raise FileNotFoundError(f"No trainer_state.json in {path} or in any checkpoint-* directory under it.")
+    return max(checkpoints)[1]
+
+
+def load_log_history(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The `log_history` list of a run's `trainer_state.json` (see :func:`find_trainer_state`)."""
+    with open(find_trainer_state(output_dir)) as f:
+        return json.load(f).get("log_history", [])
+
+
+def metric_series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """`(steps, values)` of one logged metric, in log order; entries without the key or a step are skipped."""
+    steps, values = [], []
+    for entry in log_history:
+        if key in entry and entry[key] is not None and "step" in entry:
+            steps.append(float(entry["step"]))
+            values.append(float(entry[key]))
+    return steps, values
+
+
+def _ranked_keys(keys: set[str], family: str) -> list[tuple[str, str]]:
+    """`(train_key, label)` pairs for one metric family: `family/rank_k` sorted by k, else `family/chosen`,
+    `family/rejected`."""
+    ranks = sorted(
+        (int(m.group(1)), key) for key in keys if (m := re.fullmatch(re.escape(family) + r"/rank_(\d+)", key))
+    )
+    if ranks:
+        return [(key, f"rank {k}" + (" (best)" if k == 0 else "")) for k, key in ranks]
+    return [(f"{family}/{side}", side) for side in ("chosen", "rejected") if f"{family}/{side}" in keys]
+
+
+def _import_matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "Plotting needs matplotlib, an optional dependency: pip install 'trl-nca[plot]' "
+            "(or pip install matplotlib)."
+        ) from error
+    return Figure, FigureCanvasAgg
+
+
+def _draw(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[float], list[float], bool]]) -> Path:
+    """One PNG with one line per (label, steps, values, is_eval); eval lines are dashed with markers."""
+    figure_cls, canvas_cls = _import_matplotlib()
+    figure = figure_cls(figsize=(7, 4.5), dpi=100)
+    canvas_cls(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    colors = {}
+    for label, steps, values, is_eval in lines:
+        base = label.removeprefix("eval ")
+        color = colors.setdefault(base, f"C{len(colors) % 10}")
+        if is_eval:
+            axes.plot(steps, values, linestyle="--", marker="o", markersize=3, color=color, label=label)
+        else:
+            axes.plot(steps, values, color=color, label=label)
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Draw the run's training curves as PNG files and return their paths.
+
+    Args:
+        output_dir: a TRL run directory (its `trainer_state.json`, or the latest `checkpoint-*`'s), or the
+            `trainer_state.json` file itself.
+        out_dir: where to write the PNGs (created if needed); defaults to `<output_dir>/plots`.
+
+    Returns:
+        the written files, among `logps.png`, `rewards.png`, `accuracies.png`, `loss.png` (only those whose metrics
+        were logged; empty when none were).
+
+    Raises:
+        FileNotFoundError: no `trainer_state.json` was found.
+        ImportError: matplotlib is not installed.
+    """
+    _import_matplotlib()  # fail early and clearly when the optional dependency is missing
+    history = load_log_history(output_dir)
+    base = Path(output_dir)
+    out = Path(out_dir) if out_dir is not None else (base.parent if base.is_file() else base) / "plots"
+    keys = {key for entry in history for key in entry}
+
+    figures: list[tuple[str, str, str, list[tuple[str, str]]]] = [
+        ("logps.png", "Log-likelihood of each response rank", "log pi(y|x) (summed)", _ranked_keys(keys, "logps")),
+        ("rewards.png", "Model reward of each response rank", "beta * log(pi/ref)", _ranked_keys(keys, "rewards")),
+        ("accuracies.png", "Ranking accuracy", "accuracy", [("rewards/accuracies", "accuracy")]),
+        ("loss.png", "Loss", "loss", [("loss", "loss")]),
+    ]
+    written = []
+    for filename, title, ylabel, metrics in figures:
+        lines = []
+        for key, label in metrics:
+            for prefix, is_eval in (("", False), ("eval_", True)):
+                steps, values = metric_series(history, prefix + key)
+                if steps:
+                    lines.append((("eval " if is_eval else "") + label, steps, values, is_eval))
+        if lines:
+            out.mkdir(parents=True, exist_ok=True)
+            written.append(_draw(out / filename, title, ylabel, lines))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`trl-nca plot OUTPUT_DIR [--out DIR]`: draw a run's curves, print the written paths; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="trl-nca plot",
+        description="Plot per-rank log-likelihoods, rewards, ranking accuracy and loss from trainer_state.json.",
+    )
+    parser.add_argument("output_dir", help="the run's output directory (or a checkpoint-* directory).")
+    parser.add_argument("--out", default=None, help="directory for the PNG files (default: OUTPUT_DIR/plots).")
+    args = parser.parse_args(argv)
+    try:
+        paths = plot_run(args.output_dir, args.out)
+    except (FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not paths:
+        print(f"error: no plottable metrics in the log history of {args.output_dir}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
