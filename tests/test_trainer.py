@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import cpu_args
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_nca import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 
@@ -225,8 +225,14 @@ def test_checkpoint_model_card_and_reload(tmp_path, tokenizer, make_model):
     card = (tmp_path / "README.md").read_text()
     assert "NCA" in card and "2402.05369" in card and "chen2024noise" in card
     assert "nca" in card.split("tags:")[1].split("---")[0]
+    assert "- α (reward temperature, target weights softmax(r / α)): 1" in card
+    assert "- β (KL strength of the model reward β·log π/μ): 0.1" in card
+    assert "- responses per prompt K: 4" in card and "- trl-nca: " in card and "Cite TRL as" in card
     trainer.save_model(str(tmp_path / "final"))
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    final = tmp_path / "final"
+    assert {"model.safetensors", "training_args.bin", "tokenizer.json", "config.json"} <= {p.name for p in final.iterdir()}
+    assert AutoTokenizer.from_pretrained(final)("the sky")["input_ids"] == tokenizer("the sky")["input_ids"]
+    reloaded = AutoModelForCausalLM.from_pretrained(final)
     for (name, p), (_, q) in zip(trainer.model.named_parameters(), reloaded.named_parameters()):
         assert torch.equal(p.detach(), q.detach()), name
     state = json.loads((checkpoint / "trainer_state.json").read_text())

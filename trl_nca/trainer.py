@@ -166,6 +166,59 @@ class _KWayRewardTrainer(DPOTrainer):
             peft_config=peft_config,
         )
 
+    # ------------------------------------------------------------------------------------------------ model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card plus the NCA/InfoNCA hyper-parameters (α, β, K, losses, layout) and trl-nca's version."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        from . import __version__
+
+        if self.precompute_ref_logps:
+            reference = "precomputed once from the reference model"
+        elif self.ref_model is None:
+            reference = "the base model with the adapter disabled"
+        else:
+            reference = "a frozen copy of the initial model"
+        ks = self._responses_per_prompt()
+        layout = getattr(self.data_collator, "layout", "custom collator")
+        global_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        global_batch *= self.args.world_size
+        section = "\n".join(
+            [
+                "### Training hyper-parameters",
+                "",
+                f"- loss: {' + '.join(f'{w:g} × {t}' for t, w in zip(self.loss_types, self.loss_weights))}",
+                f"- α (reward temperature, target weights softmax(r / α)): {self.alpha:g}",
+                f"- β (KL strength of the model reward β·log π/μ): {self.beta:g}",
+                f"- responses per prompt K: {ks}",
+                f"- reference model: {reference}",
+                f"- forward layout: {layout}",
+                f"- learning rate {self.args.learning_rate:g}, {self.args.num_train_epochs:g} epoch(s), global batch "
+                f"{global_batch} prompts",
+                "",
+                "### Framework versions",
+                "",
+                f"- trl-nca: {__version__}",
+            ]
+        )
+        with open(path, encoding="utf-8") as handle:
+            card = handle.read()
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(card.replace("### Framework versions\n", section, 1))
+
+    def _responses_per_prompt(self) -> str:
+        """K over the training set, read from the Arrow column lengths (no Python copy of the token lists)."""
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset) or "completion_ids" not in dataset.column_names:
+            return "unknown (streamed dataset)"
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(dataset.data.column("completion_ids"))
+        low, high = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+        return str(low) if low == high else f"{low} to {high} (mean {pc.mean(lengths).as_py():.2f})"
+
     # ------------------------------------------------------------------------------------------------ data hooks
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return prepare_dataset(
