@@ -230,7 +230,9 @@ def test_checkpoint_model_card_and_reload(tmp_path, tokenizer, make_model):
     assert "- responses per prompt K: 4" in card and "- trl-nca: " in card and "Cite TRL as" in card
     trainer.save_model(str(tmp_path / "final"))
     final = tmp_path / "final"
-    assert {"model.safetensors", "training_args.bin", "tokenizer.json", "config.json"} <= {p.name for p in final.iterdir()}
+    assert {"model.safetensors", "training_args.bin", "tokenizer.json", "config.json"} <= {
+        p.name for p in final.iterdir()
+    }
     assert AutoTokenizer.from_pretrained(final)("the sky")["input_ids"] == tokenizer("the sky")["input_ids"]
     reloaded = AutoModelForCausalLM.from_pretrained(final)
     for (name, p), (_, q) in zip(trainer.model.named_parameters(), reloaded.named_parameters()):
@@ -249,3 +251,27 @@ def test_infonca_card_metadata(tmp_path, tokenizer, make_model):
     trainer.create_model_card(model_name="m")
     card = Path(tmp_path / "README.md").read_text()
     assert "InfoNCA" in card and "infonca" in card and "2402.05369" in card
+
+
+def test_streamed_dataset_trains(tmp_path, tokenizer, make_model):
+    """An IterableDataset is validated and tokenized lazily and trains like a map-style one."""
+    stream = Dataset.from_list(reward_rows(ragged=True)).to_iterable_dataset()
+    trainer = NCATrainer(
+        make_model(),
+        ref_model=make_model(seed=1),
+        args=cpu_args(NCAConfig, tmp_path),
+        train_dataset=stream,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    with pytest.raises(ValueError, match="row 1, column `rewards"):
+        bad = Dataset.from_list([reward_rows()[0], {**reward_rows()[1], "rewards": [1.0, 2.0, float("nan"), 0.0]}])
+        NCATrainer(
+            make_model(),
+            ref_model=make_model(),
+            args=cpu_args(NCAConfig, tmp_path / "bad"),
+            train_dataset=bad.to_iterable_dataset(),
+            processing_class=tokenizer,
+        ).train()
