@@ -1,9 +1,34 @@
-"""trl-nca: NCA and InfoNCA (Chen et al., NeurIPS 2024) as drop-in TRL trainers."""
+"""trl-nca: NCA and InfoNCA (Chen et al., NeurIPS 2024) as drop-in TRL trainers.
 
-from .collator import DataCollatorForKWayReward
-from .config import InfoNCAConfig, NCAConfig
-from .trainer import InfoNCATrainer, NCATrainer
+The public classes are imported lazily, so `trl-nca --help` and the light modules do not pay for torch/TRL imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DataCollatorForKWayReward": ".collator",
+    "InfoNCAConfig": ".config",
+    "NCAConfig": ".config",
+    "InfoNCATrainer": ".trainer",
+    "NCATrainer": ".trainer",
+}
+
 __all__ = ["DataCollatorForKWayReward", "InfoNCAConfig", "InfoNCATrainer", "NCAConfig", "NCATrainer", "__version__"]
+
+if TYPE_CHECKING:
+    from .collator import DataCollatorForKWayReward
+    from .config import InfoNCAConfig, NCAConfig
+    from .trainer import InfoNCATrainer, NCATrainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Runnable entry points of trl-nca (``accelerate launch -m trl_nca.scripts.train CONFIG.yaml``)."""

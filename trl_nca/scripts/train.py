@@ -1,0 +1,443 @@
+"""Train a causal LM with NCA or InfoNCA from a recipe YAML, the way ``trl dpo`` trains with DPO.
+
+Usage (any launcher that ``accelerate`` supports; ``trl-nca train`` wraps the first form)::
+
+    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml \
+        -m trl_nca.scripts.train recipes/mistral-7b/nca_reward_full.yaml --learning_rate 1e-6
+    python -m trl_nca.scripts.train recipes/tiny/nca_reward.yaml \
+        --model_name_or_path path/to/tiny-model --dataset_name path/to/data
+
+The YAML holds the defaults and command-line flags override them (``TrlParser``). Its keys are the fields of
+[`NCAScriptArguments`] (below), of the trainer's config ([`~trl_nca.NCAConfig`] or [`~trl_nca.InfoNCAConfig`], i.e.
+every ``trl.DPOConfig`` / ``TrainingArguments`` field plus ``alpha``) and of ``trl.ModelConfig``; an ``env:`` mapping
+is exported to the environment. The key ``trainer: nca | infonca`` picks the config class, so it is read before the
+parser is built. Unknown keys and flags are errors.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict, IterableDatasetDict
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+#: Trainer name (YAML key ``trainer``) -> (config class, trainer class), both looked up in ``trl_nca``.
+TRAINERS: dict[str, tuple[str, str]] = {
+    "nca": ("NCAConfig", "NCATrainer"),
+    "infonca": ("InfoNCAConfig", "InfoNCATrainer"),
+}
+
+#: ``dataset_format`` -> name of the row converter in ``trl_nca.converters`` (``None``: the trainers read it as is).
+DATASET_FORMATS: dict[str, str | None] = {
+    "reward": None,
+    "preference": None,
+    "ultrafeedback": "ultrafeedback_to_reward",
+    "authors_reward": "authors_reward_to_reward",
+    "authors_preference": "authors_preference_to_reward",
+}
+
+#: Keys that only ``trl-nca train`` uses (to build the ``accelerate launch`` command); the script itself ignores them.
+LAUNCHER_KEYS = ("accelerate_config", "num_processes")
+
+_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+@dataclass
+class NCAScriptArguments(ScriptArguments):
+    r"""
+    Script arguments of ``trl_nca.scripts.train`` (on top of TRL's ``ScriptArguments``).
+
+    Args:
+        dataset_name (`str`):
+            What to train on: a Hub dataset id, a local folder written by ``Dataset.save_to_disk`` /
+            ``DatasetDict.save_to_disk``, a local folder of data files that ``datasets.load_dataset`` understands
+            (``train.jsonl`` / ``test.jsonl``, ...), or a single ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file
+            (or glob), which becomes the split named by ``dataset_train_split``.
+        dataset_config (`str`, *optional*):
+            Dataset configuration name (the ``name`` argument of ``datasets.load_dataset``).
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Split to train on.
+        dataset_test_split (`str`, *optional*, defaults to `"test"`):
+            Split to evaluate on; only read when ``eval_strategy`` is not ``"no"``.
+        dataset_streaming (`bool`, *optional*, defaults to `False`):
+            Stream the dataset instead of downloading it (Hub datasets and data files only).
+        ignore_bias_buffers (`bool`, *optional*, defaults to `False`):
+            Let DDP ignore the model's boolean buffers (TRL's workaround for models that register causal masks).
+        trainer (`str`, *optional*, defaults to `"nca"`):
+            ``"nca"`` ([`~trl_nca.NCATrainer`] with [`~trl_nca.NCAConfig`]) or ``"infonca"``
+            ([`~trl_nca.InfoNCATrainer`] with [`~trl_nca.InfoNCAConfig`]). Read before the other arguments, because it
+            decides which config fields exist.
+        dataset_format (`str`, *optional*, defaults to `"reward"`):
+            Layout of the rows. ``"reward"`` (``prompt``, ``completions``, ``rewards``) and ``"preference"``
+            (``prompt``/``chosen``/``rejected`` or implicit prompt) are read by the trainers directly.
+            ``"ultrafeedback"`` (raw ``openbmb/UltraFeedback``), ``"authors_reward"`` (``A0..A3`` +
+            ``score_A0..score_A3``, e.g. ``ChenDRAG/ultrafeedback_reward``) and ``"authors_preference"``
+            (``ChenDRAG/ultrafeedback_preference``) are first converted to the reward format with
+            ``trl_nca.converters``.
+        callbacks (`list[str]`, *optional*):
+            Extra ``transformers.TrainerCallback`` classes, as ``"module.path:ClassName"`` import strings; each is
+            instantiated without arguments and added to the trainer.
+        accelerate_config (`str`, *optional*):
+            Launcher-only: the accelerate config ``trl-nca train`` launches with, a path or a bundled name
+            (``recipes/accelerate_configs/NAME.yaml``: ``zero3``, ``ddp``, ``cpu_zero3``, ...). Ignored by the script.
+        num_processes (`int`, *optional*):
+            Launcher-only: ``accelerate launch --num_processes``. The script only warns when the actual world size
+            differs.
+    """
+
+    trainer: str = field(
+        default="nca",
+        metadata={"help": "Which trainer/config to use.", "choices": sorted(TRAINERS)},
+    )
+    dataset_format: str = field(
+        default="reward",
+        metadata={
+            "help": "Row layout of the dataset; raw layouts are converted to the reward format first.",
+            "choices": list(DATASET_FORMATS),
+        },
+    )
+    callbacks: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra TrainerCallback classes as 'module.path:ClassName' (instantiated without args)."},
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "Launcher-only (trl-nca train): accelerate config path or bundled name."},
+    )
+    num_processes: int | None = field(
+        default=None,
+        metadata={"help": "Launcher-only (trl-nca train): number of processes for accelerate launch."},
+    )
+
+
+def get_config_class(trainer: str) -> type[TrainingArguments]:
+    """The config class (`NCAConfig` or `InfoNCAConfig`) for a ``trainer`` name."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"Unknown trainer {trainer!r}: choose one of {sorted(TRAINERS)}.")
+    from trl_nca import config
+
+    return getattr(config, TRAINERS[trainer][0])
+
+
+def get_trainer_class(trainer: str) -> type:
+    """The trainer class (`NCATrainer` or `InfoNCATrainer`) for a ``trainer`` name."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"Unknown trainer {trainer!r}: choose one of {sorted(TRAINERS)}.")
+    from trl_nca import trainer as trainer_module
+
+    return getattr(trainer_module, TRAINERS[trainer][1])
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Turn ``CONFIG.yaml [flags]`` into ``--config CONFIG.yaml [flags]``; resolve bundled recipe names.
+
+    A leading positional argument is the recipe: a path, or a name relative to the bundled ``recipes/`` folder
+    (``mistral-7b/nca_reward_qlora``, with or without ``.yaml``).
+    """
+    from trl_nca.cli import resolve_recipe
+
+    args = list(argv)
+    if args and not args[0].startswith("-"):
+        args = ["--config", str(resolve_recipe(args[0]))] + args[1:]
+    elif "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise ValueError("Expected a path after `--config`.")
+        args[index + 1] = str(resolve_recipe(args[index + 1]))
+    return args
+
+
+def read_recipe(argv: Sequence[str]) -> dict[str, Any]:
+    """The YAML mapping named by ``--config`` in ``argv`` (``{}`` when there is none)."""
+    import yaml
+
+    args = list(argv)
+    if "--config" not in args:
+        return {}
+    path = args[args.index("--config") + 1]
+    with open(path) as handle:
+        recipe = yaml.safe_load(handle)
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Recipe {path} must contain a YAML mapping, got {type(recipe).__name__}.")
+    return recipe
+
+
+def peek_trainer(argv: Sequence[str]) -> str:
+    """The trainer name from ``--trainer X`` / ``--trainer=X`` on the command line, else the recipe's ``trainer:``."""
+    args = list(argv)
+    for index, token in enumerate(args):
+        if token == "--trainer" and index + 1 < len(args):
+            name = args[index + 1]
+            break
+        if token.startswith("--trainer="):
+            name = token.split("=", 1)[1]
+            break
+    else:
+        name = read_recipe(args).get("trainer", "nca")
+    if name not in TRAINERS:
+        raise ValueError(f"Unknown trainer {name!r}: choose one of {sorted(TRAINERS)}.")
+    return name
+
+
+def make_parser(trainer: str = "nca", prog: str | None = None) -> TrlParser:
+    """``TrlParser`` over (`NCAScriptArguments`, the trainer's config class, `trl.ModelConfig`)."""
+    return TrlParser((NCAScriptArguments, get_config_class(trainer), ModelConfig), prog=prog)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[NCAScriptArguments, TrainingArguments, ModelConfig]:
+    """Parse ``[CONFIG.yaml] [--flag value ...]`` into (script args, trainer config, model config).
+
+    Unknown YAML keys and unknown flags raise, so typos in a recipe fail before any model is loaded.
+    """
+    args = normalize_argv(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(peek_trainer(args))
+    script_args, training_args, model_args = parser.parse_args_and_config(args)
+    return script_args, training_args, model_args
+
+
+def load_raw_datasets(script_args: NCAScriptArguments) -> DatasetDict | IterableDatasetDict:
+    """Load ``script_args.dataset_name`` as a dataset dict (see `NCAScriptArguments.dataset_name` for the sources)."""
+    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+
+    name = script_args.dataset_name
+    if not name:
+        raise ValueError("`dataset_name` is required: a Hub id, a local folder or a data file.")
+    path = Path(name)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = load_from_disk(str(path))
+        if isinstance(loaded, Dataset):
+            loaded = DatasetDict({script_args.dataset_train_split: loaded})
+        if script_args.dataset_streaming:
+            loaded = IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in loaded.items()})
+        return loaded
+    suffix = "".join(path.suffixes[-1:]).lower()
+    if suffix in _DATA_FILE_BUILDERS and not path.is_dir():
+        if not glob.glob(name):
+            raise FileNotFoundError(f"No data file matches {name}.")
+        loaded = load_dataset(
+            _DATA_FILE_BUILDERS[suffix],
+            data_files={script_args.dataset_train_split: name},
+            streaming=script_args.dataset_streaming,
+        )
+    else:
+        loaded = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    if isinstance(loaded, (Dataset, IterableDataset)):
+        loaded = (IterableDatasetDict if isinstance(loaded, IterableDataset) else DatasetDict)(
+            {script_args.dataset_train_split: loaded}
+        )
+    return loaded
+
+
+def convert_dataset_format(dataset: Any, dataset_format: str, num_proc: int | None = None) -> Any:
+    """Map a raw layout (``ultrafeedback``, ``authors_*``) to the reward format; other formats pass through.
+
+    ``dataset`` is a ``Dataset``/``IterableDataset`` or a dict of them; the original columns are dropped.
+    """
+    if dataset_format not in DATASET_FORMATS:
+        raise ValueError(f"Unknown dataset_format {dataset_format!r}: choose one of {list(DATASET_FORMATS)}.")
+    converter_name = DATASET_FORMATS[dataset_format]
+    if converter_name is None:
+        return dataset
+    try:
+        converters = importlib.import_module("trl_nca.converters")
+    except ImportError as error:
+        raise ImportError(
+            f"dataset_format={dataset_format!r} needs `trl_nca.converters.{converter_name}`, which could not be "
+            f"imported ({error}). Convert the data to the reward format (prompt, completions, rewards) yourself and "
+            "use dataset_format='reward'."
+        ) from error
+    converter = getattr(converters, converter_name, None)
+    if converter is None:
+        raise ImportError(f"`trl_nca.converters` has no function {converter_name!r} for {dataset_format=}.")
+
+    def _convert(split_dataset: Any) -> Any:
+        from datasets import Dataset
+
+        is_map_style = isinstance(split_dataset, Dataset)
+        map_kwargs: dict[str, Any] = {"num_proc": num_proc} if is_map_style else {}
+        converted = split_dataset.map(
+            converter,
+            remove_columns=split_dataset.column_names,
+            **map_kwargs,
+            **({"desc": f"Converting {dataset_format} rows to the reward format"} if is_map_style else {}),
+        )
+        # Converters drop responses without a usable score or text, so a row can end up with K < 2; such rows carry
+        # no contrast and the trainers reject them.
+        kept = converted.filter(
+            lambda row: len(row["completions"]) >= 2,
+            **map_kwargs,
+            **({"desc": "Dropping rows with fewer than 2 scored responses"} if is_map_style else {}),
+        )
+        if is_map_style and len(kept) < len(converted):
+            logger.warning(
+                "Dropped %d of %d %s rows left with fewer than 2 scored, non-empty responses after conversion.",
+                len(converted) - len(kept),
+                len(converted),
+                dataset_format,
+            )
+        return kept
+
+    if isinstance(dataset, dict):
+        return type(dataset)({split: _convert(split_dataset) for split, split_dataset in dataset.items()})
+    return _convert(dataset)
+
+
+def load_callbacks(specs: Sequence[str] | None) -> list[TrainerCallback]:
+    """Instantiate ``"module.path:ClassName"`` callback specs (no arguments)."""
+    callbacks = []
+    for spec in specs or []:
+        module_name, _, class_name = spec.partition(":")
+        if not module_name or not class_name:
+            raise ValueError(f"Callback {spec!r} must look like 'module.path:ClassName'.")
+        callbacks.append(getattr(importlib.import_module(module_name), class_name)())
+    return callbacks
+
+
+def check_launch(training_args: TrainingArguments, expected_processes: int | None = None) -> None:
+    """Fail loudly on the launch set-ups that exit 0 while training the wrong way.
+
+    On a host without GPUs, ``accelerate launch`` with a MULTI_GPU config and no ``use_cpu``, or a DeepSpeed config
+    without ``ddp_backend: gloo``, starts N processes that each train alone (duplicated, unsynchronised work), and
+    an FSDP config silently falls back to no sharding. Each process compares the launcher's environment with the
+    state accelerate actually built and raises if they disagree.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    _ = training_args.device  # builds accelerate's PartialState from the training arguments
+    state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:
+        raise RuntimeError(
+            f"The launcher started {launched} processes but accelerate set up a {state.num_processes}-process "
+            f"{state.distributed_type} run in each: every process would train alone on the full data. On a host "
+            "without GPUs use `use_cpu: true` with a MULTI_GPU (DDP) accelerate config, or `ddp_backend: gloo` and "
+            "`use_cpu: false` with a DeepSpeed config (recipes/accelerate_configs/cpu_ddp.yaml, cpu_zero3.yaml)."
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and (
+        state.distributed_type != DistributedType.DEEPSPEED
+    ):
+        raise RuntimeError(
+            f"The accelerate config asks for DeepSpeed but accelerate set up {state.distributed_type}. With DeepSpeed "
+            "do not set `use_cpu: true`; on a host without GPUs set `ddp_backend: gloo` instead."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
+        state.distributed_type != DistributedType.FSDP
+    ):
+        raise RuntimeError(
+            f"The accelerate config asks for FSDP but accelerate set up {state.distributed_type} (accelerate only "
+            "applies FSDP on accelerators). Use a DeepSpeed ZeRO-3 config instead on this host."
+        )
+    if expected_processes is not None and expected_processes != state.num_processes:
+        logger.warning(
+            "The recipe asks for num_processes=%d but this run has %d process(es); the global batch size is "
+            "per_device_train_batch_size x gradient_accumulation_steps x %d.",
+            expected_processes,
+            state.num_processes,
+            state.num_processes,
+        )
+
+
+def _select_splits(raw: Any, script_args: NCAScriptArguments, training_args: TrainingArguments) -> tuple[Any, Any]:
+    """The train split and, when evaluation is on, the test split of ``raw``; clear errors when one is missing."""
+    if script_args.dataset_train_split not in raw:
+        raise KeyError(
+            f"Split {script_args.dataset_train_split!r} not found in {script_args.dataset_name}; it has "
+            f"{sorted(raw)}. Set `dataset_train_split`."
+        )
+    train_dataset = raw[script_args.dataset_train_split]
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in raw:
+            raise KeyError(
+                f"eval_strategy={training_args.eval_strategy!r} needs split {script_args.dataset_test_split!r}, "
+                f"but {script_args.dataset_name} has {sorted(raw)}. Set `dataset_test_split` or eval_strategy: no."
+            )
+        eval_dataset = raw[script_args.dataset_test_split]
+    return train_dataset, eval_dataset
+
+
+def main(script_args: NCAScriptArguments, training_args: TrainingArguments, model_args: ModelConfig) -> Trainer:
+    """Load the data and the model, train with the chosen trainer, save (and push when asked); return the trainer."""
+    from trl import get_peft_config, get_quantization_config
+
+    check_launch(training_args, script_args.num_processes)
+    if not model_args.model_name_or_path:
+        raise ValueError("`model_name_or_path` is required (a Hub id or a local model folder).")
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    # The main process loads (downloads) and converts first; the others then read its cache files.
+    with training_args.main_process_first(desc="loading and converting the dataset"):
+        raw = load_raw_datasets(script_args)
+        train_dataset, eval_dataset = _select_splits(raw, script_args, training_args)
+        num_proc = training_args.dataset_num_proc
+        train_dataset = convert_dataset_format(train_dataset, script_args.dataset_format, num_proc)
+        if eval_dataset is not None:
+            eval_dataset = convert_dataset_format(eval_dataset, script_args.dataset_format, num_proc)
+
+    trainer_cls = get_trainer_class(script_args.trainer)
+    trainer = trainer_cls(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        callbacks=load_callbacks(script_args.callbacks),
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+    if script_args.ignore_bias_buffers:
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest checkpoint in output_dir
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    # Every rank must be done (saving is collective under ZeRO-3, rank 0 still writes files) before the group goes.
+    trainer.accelerator.wait_for_everyone()
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
+        trainer.end()
+    return trainer
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and train."""
+    main(*parse_args(argv))
+
+
+if __name__ == "__main__":
+    run()
