@@ -91,6 +91,13 @@ def weight_entropy(weights: torch.Tensor, mask: torch.Tensor | None = None) -> t
     return -terms.sum(dim=-1)
 
 
+def _rewards_and_weights(policy_logps, ref_logps, rewards, beta, alpha, mask):
+    """Shared preamble of both losses: checked mask, model rewards rho and target weights w, all `(B, K)`."""
+    mask = _check_shapes(policy_logps, ref_logps, rewards, mask)
+    rho = model_rewards(policy_logps, ref_logps, beta)
+    return mask, rho, target_weights(rewards, alpha, mask).to(rho.dtype)
+
+
 def infonca_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -105,9 +112,7 @@ def infonca_loss(
     With K = 2 and hard labels (alpha = 0, the chosen response rewarded higher) this is exactly DPO's
     `-log sigmoid(rho_w - rho_l)`.
     """
-    mask = _check_shapes(policy_logps, ref_logps, rewards, mask)
-    rho = model_rewards(policy_logps, ref_logps, beta)
-    weights = target_weights(rewards, alpha, mask).to(rho.dtype)
+    mask, rho, weights = _rewards_and_weights(policy_logps, ref_logps, rewards, beta, alpha, mask)
     log_probs = torch.log_softmax(rho.masked_fill(~mask, float("-inf")), dim=-1)
     return -torch.where(mask, weights * log_probs, torch.zeros_like(log_probs)).sum(dim=-1)
 
@@ -126,9 +131,7 @@ def nca_loss(
     With K = 2 and hard labels this is exactly TRL's `nca_pair`:
     `-log sigmoid(rho_w) - 1/2 log sigmoid(-rho_w) - 1/2 log sigmoid(-rho_l)`.
     """
-    mask = _check_shapes(policy_logps, ref_logps, rewards, mask)
-    rho = model_rewards(policy_logps, ref_logps, beta)
-    weights = target_weights(rewards, alpha, mask).to(rho.dtype)
+    mask, rho, weights = _rewards_and_weights(policy_logps, ref_logps, rewards, beta, alpha, mask)
     zeros = torch.zeros_like(rho)
     attract = torch.where(mask, weights * F.logsigmoid(rho), zeros).sum(dim=-1)
     repel = torch.where(mask, F.logsigmoid(-rho), zeros).sum(dim=-1) / mask.sum(dim=-1).to(rho.dtype)
