@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Reproduce docs/results.md: SFT only vs DPO (best-vs-worst, best-vs-each-other) vs InfoNCA vs NCA on the offline demo
+task, same data and budget, 3 seeds, hyper-parameters tuned on a validation split with the same grid for every method.
+
+    python scripts/reproduce_results.py                 # ~15 min on 2 CPU cores; writes docs/results.md, docs/img/
+    python scripts/reproduce_results.py --from-json runs/reproduce/results.json   # only re-render the report
+
+Runs, cached SFT models and reward data and the raw `results.json` go to `--output-dir` (default `runs/reproduce`).
+`trl-nca demo --compare` runs the same thing. Options: `python scripts/reproduce_results.py -h`.
+"""
+
+import sys
+from pathlib import Path
+
+from trl_nca.demo.compare import main
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], prog="python scripts/reproduce_results.py", default_docs_dir=DOCS))

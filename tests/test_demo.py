@@ -1,0 +1,267 @@
+"""The offline demo (`trl-nca demo`) and the reproduction driver: reward function, data plumbing, an end-to-end run at
+the tiny size (artifacts, consistency, determinism) and the claim verdicts of the results report."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from trl_nca.demo import pipeline as P
+from trl_nca.demo.task import demonstrate, format_prompt, ideal_answer, parse_prompt, sort_reward
+
+PROMPT = format_prompt([7, 3, 9, 3, 1])  # ideal answer "1 3 3 7 9"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("1 3 3 7 9", 1.0),  # exact
+        ("  1 3 3 7 9\n", 1.0),  # whitespace is not content
+        ("1 3 7 3 9", 0.8),  # one adjacent swap
+        ("1 3 7 9", 0.8),  # one dropped digit
+        ("1 3 3 5 7 9", 5 / 6),  # one extra digit
+        ("1 3 4 7 9", 0.8),  # one wrong digit
+        ("1 3 x 7 9", 0.8),  # a non-digit token never matches
+        ("1 3 3 7 9,", 0.8),  # "9," is not "9"
+        ("7 3 9 3 1", 0.4),  # the unsorted copy: longest sorted subsequence "3 3"
+        ("9 7 3 3 1", 0.4),  # reversed
+        ("", 0.0),
+        ("hello", 0.0),
+        ("1 3 3 7 9 1 3 3 7 9", 0.5),  # repeated answer: length penalty
+    ],
+)
+def test_sort_reward_hand_written(response, expected):
+    assert sort_reward(PROMPT, response) == pytest.approx(expected)
+
+
+def test_prompt_round_trip_and_ideal_answer():
+    assert PROMPT == "Sort ascending: 7 3 9 3 1"
+    assert parse_prompt(PROMPT) == [7, 3, 9, 3, 1]
+    assert ideal_answer([7, 3, 9, 3, 1]) == "1 3 3 7 9"
+    with pytest.raises(ValueError):
+        parse_prompt("Sort descending: 1 2")
+
+
+def test_demonstrator_is_imperfect_but_graded():
+    rng = random.Random(0)
+    digits = [[rng.randrange(10) for _ in range(rng.randint(3, 7))] for _ in range(400)]
+    perfect = [demonstrate(d, random.Random(i), p_correct=1.0) for i, d in enumerate(digits)]
+    assert all(sort_reward(format_prompt(d), y) == 1.0 for d, y in zip(digits, perfect))
+    noisy_rng = random.Random(1)
+    rewards = [sort_reward(format_prompt(d), demonstrate(d, noisy_rng, p_correct=0.4)) for d in digits]
+    exact = sum(r == 1.0 for r in rewards) / len(rewards)
+    assert 0.3 < exact < 0.6  # p_correct plus corruptions that happen to be harmless (e.g. swapping equal digits)
+    assert all(0.0 <= r <= 1.0 for r in rewards)
+    assert len({round(r, 3) for r in rewards}) >= 5  # many distinct reward levels, not just 0/1
+    # same generator state -> same demonstration
+    assert demonstrate([5, 1, 4], random.Random(7), 0.0) == demonstrate([5, 1, 4], random.Random(7), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data plumbing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _row(texts, rewards):
+    return {
+        "prompt": P.user_message([3, 1, 2]),
+        "completions": [P.assistant_message(t) for t in texts],
+        "rewards": rewards,
+    }
+
+
+def test_reward_rows_score_with_the_reward_function():
+    prompts = [P.user_message([3, 1, 2]), P.user_message([9, 0])]
+    rows = P.reward_rows(prompts, [["1 2 3", "3 1 2", "1 2", ""], ["0 9", "9 0", "0 9 9", "x"]])
+    assert [r["rewards"] for r in rows] == [
+        [1.0, sort_reward("Sort ascending: 3 1 2", "3 1 2"), 2 / 3, 0.0],
+        [1.0, 0.5, 2 / 3, 0.0],
+    ]
+    assert rows[0]["completions"][1] == [{"role": "assistant", "content": "3 1 2"}]
+    assert P.trainable_rows(rows) == rows[1:]  # the empty sample leaves its prompt out
+
+
+def test_rank_order_and_preference_pairs():
+    row = _row(["a", "b", "c", "d"], [0.5, 1.0, 0.2, 0.5])
+    assert P.rank_order(row["rewards"]) == [1, 0, 3, 2]  # ties keep sampling order
+    assert P.by_rank(torch.tensor([[10.0, 11.0, 12.0, 13.0]]), [row]).tolist() == [[11.0, 10.0, 13.0, 12.0]]
+    worst = P.preference_pairs([row], "best_worst")
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in worst] == [("b", "c")]
+    every = P.preference_pairs([row], "best_all")
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in every] == [
+        ("b", "a"),
+        ("b", "d"),
+        ("b", "c"),
+    ]
+    tied = _row(["a", "b", "c", "d"], [0.5, 0.5, 0.5, 0.5])
+    assert P.preference_pairs([tied], "best_worst") == [] and P.preference_pairs([tied], "best_all") == []
+    with pytest.raises(ValueError):
+        P.preference_pairs([row], "all_pairs")
+
+
+def test_completion_logps_match_a_manual_computation_and_ignore_padding():
+    from trl_nca.tiny import build_tiny_model
+
+    tokenizer = P.build_demo_tokenizer()
+    model = build_tiny_model(
+        tokenizer, "mistral", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+    rows = [_row(["1 2 3", "3", "1 2 3 3 3 3 3", "2 1"], [1.0, 0.0, 0.5, 0.5])]
+    batched = P.completion_logps(model, tokenizer, rows)
+    one_by_one = P.completion_logps(model, tokenizer, rows, batch_size=1)
+    assert batched.shape == (1, 4)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
+    # manual: log p(completion tokens | prompt) from a single unpadded forward
+    prompt_ids = tokenizer.apply_chat_template(
+        rows[0]["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    full = tokenizer.apply_chat_template(
+        rows[0]["prompt"] + rows[0]["completions"][2], tokenize=True, return_dict=True
+    )["input_ids"]
+    assert full[: len(prompt_ids)] == list(prompt_ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0, :-1].log_softmax(-1)
+    manual = sum(logits[t - 1, full[t]].item() for t in range(len(prompt_ids), len(full)))
+    assert batched[0, 2].item() == pytest.approx(manual, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end (tiny size)
+# ---------------------------------------------------------------------------------------------------------------------
+
+METRIC_KEYS = {"reward_before", "reward_after", "best_logp_change", "trainer", "seed", "wall_s"}
+VOLATILE = {"wall_s", "timings", "dataset", "log_history"}  # wall-clock times, paths; log_history holds runtimes
+
+
+def _stable(metrics):
+    return {k: v for k, v in metrics.items() if k not in VOLATILE}
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
+    from trl_nca.demo.run import demo_runtime, main, run_demo
+
+    threads = torch.get_num_threads()
+    first = tmp_path / "first"
+    assert main(["--size", "tiny", "--output-dir", str(first), "--no-progress", "--threads", "1"]) == 0
+    assert "held-out reward" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the CLI restores what it changed
+
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["trainer"] == "nca" and metrics["seed"] == 0 and metrics["K"] == 4
+    for key in ("reward_before", "reward_after"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert len(metrics["rank_logp_change"]) == 4
+    assert metrics["rank_logp_change"][0] == pytest.approx(metrics["best_logp_change"])
+    assert metrics["before"]["best_logp_change"] == pytest.approx(0.0, abs=1e-4)  # SFT vs itself
+
+    # the reward dataset: K responses per prompt, rewards equal to the reward function's
+    for split in ("train", "val", "test"):
+        rows = [json.loads(line) for line in (first / "reward_data" / f"{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == P.PRESETS["tiny"].__getattribute__(f"n_{split}")
+        for row in rows:
+            assert len(row["completions"]) == len(row["rewards"]) == 4
+            assert row["prompt"][0]["role"] == "user"
+            for completion, reward in zip(row["completions"], row["rewards"]):
+                assert completion[0]["role"] == "assistant"
+                assert reward == sort_reward(row["prompt"][0]["content"], completion[0]["content"])
+
+    # the likelihood figure and the probe behind it
+    assert (first / "likelihood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = [h["step"] for h in metrics["likelihood"]]
+    assert steps[0] == 0 and steps[-1] == P.PRESETS["tiny"].align_steps and steps == sorted(steps)
+    assert all(len(h["logps_by_rank"]) == 4 for h in metrics["likelihood"])
+    # NCA logs per-rank metrics itself
+    assert any("logps/rank_0" in entry for entry in metrics["log_history"])
+    report = (first / "report.md").read_text()
+    assert "likelihood.png" in report and f"{metrics['reward_after']:.3f}" in report
+
+    # determinism: same seed, fresh directory -> same numbers
+    with demo_runtime(threads=1):
+        second = run_demo(tmp_path / "second", size="tiny", show_progress=False, log=lambda *_: None)
+    assert _stable(second) == _stable(metrics)
+    assert (tmp_path / "second" / "reward_data" / "train.jsonl").read_text() == (
+        first / "reward_data" / "train.jsonl"
+    ).read_text()
+
+    # DPO baseline on the cached SFT model + data (stages 1-3 are reused, not recomputed)
+    logs = []
+    with demo_runtime(threads=1):
+        dpo = run_demo(first, trainer="dpo", seed=0, size="tiny", show_progress=False, log=logs.append)
+    assert any("reusing the cached" in line for line in logs)
+    assert dpo["trainer"] == "dpo" and dpo["reward_before"] == metrics["reward_before"]
+    assert "sft_s" not in dpo["timings"]
+
+
+def test_demo_rejects_unknown_choices(tmp_path):
+    from trl_nca.demo.run import build_parser, run_demo
+
+    with pytest.raises(ValueError, match="Unknown trainer"):
+        run_demo(tmp_path, trainer="ppo")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--trainer", "ppo"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The results report's claim verdicts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fake_results(best_change: dict[str, list[float]], reward: dict[str, list[float]]) -> dict:
+    runs = []
+    for method in ("sft", "dpo", "dpo_all", "infonca", "nca"):
+        for seed in range(3):
+            runs.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "hparams": {"learning_rate": 1e-3, "beta": 0.1, "alpha": 0.1},
+                    "reward_sampled": reward[method][seed],
+                    "best_logp_change": 0.0 if method == "sft" else best_change[method][seed],
+                }
+            )
+    return {"runs": runs, "tuning": [], "methods": ["nca", "infonca", "dpo", "dpo_all"]}
+
+
+def test_claim_verdicts_follow_the_numbers():
+    from trl_nca.demo.compare import claims_section
+
+    up = {
+        "sft": [0.8] * 3,
+        "dpo": [0.81, 0.82, 0.80],
+        "dpo_all": [0.82, 0.80, 0.81],
+        "infonca": [0.85] * 3,
+        "nca": [0.88, 0.87, 0.86],
+    }
+    falls = {
+        "dpo": [-1.0, -0.8, -1.2],
+        "dpo_all": [-2.0] * 3,
+        "infonca": [-0.5, -0.4, -0.6],
+        "nca": [0.01, -0.02, 0.0],
+    }
+    text = "\n".join(claims_section(_fake_results(falls, up)))
+    assert "Verdict: **reproduced: both K-way" in text
+    assert "Verdict: **reproduced: the other methods lower" in text
+
+    down = {m: list(reversed(v)) if m != "sft" else v for m, v in up.items()}
+    down["nca"] = [0.70, 0.71, 0.72]
+    down["infonca"] = [0.70, 0.71, 0.72]
+    nca_falls = dict(falls, nca=[-0.3, -0.2, -0.35])
+    text = "\n".join(claims_section(_fake_results(nca_falls, down)))
+    assert "Verdict: **not reproduced: no K-way method" in text
+    assert "Verdict: **partly reproduced: NCA lowers the best response's likelihood less" in text
+
+    none_fall = {"dpo": [0.3] * 3, "dpo_all": [0.35] * 3, "infonca": [0.31] * 3, "nca": [0.28, 0.29, 0.27]}
+    assert "Verdict: **not reproduced at the selected hyper-parameters" in "\n".join(
+        claims_section(_fake_results(none_fall, up))
+    )
+
+    nca_lowest = dict(falls, nca=[-3.0, -3.0, -3.0])
+    assert "Verdict: **not reproduced: NCA is not above" in "\n".join(claims_section(_fake_results(nca_lowest, up)))

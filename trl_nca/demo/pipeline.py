@@ -1,0 +1,737 @@
+"""The demo pipeline, one function per stage: tokenizer and model in code, SFT warm start, K-sample reward data,
+alignment (NCA, InfoNCA or TRL's DPO), evaluation against the ground-truth reward.
+
+Every stage is deterministic under its seed (CPU, fixed batch sizes) and uses TRL / transformers for the heavy lifting:
+`trl.SFTTrainer` for the warm start, `model.generate` for sampling, `trl.DPOTrainer` or trl-nca's trainers for
+alignment. `trl_nca.demo.run` (the `trl-nca demo` command) and `trl_nca.demo.compare` (the reproduction) call these.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from trl_nca.demo.task import (
+    demonstrate,
+    format_prompt,
+    ideal_answer,
+    make_prompts,
+    parse_prompt,
+    sort_reward,
+    tokenizer_corpus,
+)
+
+K = 4  # responses sampled per prompt
+METHODS = ("nca", "infonca", "dpo", "dpo_all")
+METHOD_LABELS = {
+    "sft": "SFT only",
+    "nca": "NCA",
+    "infonca": "InfoNCA",
+    "dpo": "DPO (best vs worst)",
+    "dpo_all": "DPO (best vs each other)",
+}
+END_OF_TURN = "<|end|>"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one demo configuration (model, data, budgets). See `PRESETS`."""
+
+    name: str
+    # model (Mistral architecture)
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    # task: lists of min_len..max_len digits
+    min_len: int
+    max_len: int
+    # SFT warm start on imperfect demonstrations
+    n_demos: int
+    sft_epochs: int
+    sft_lr: float
+    sft_batch: int
+    p_correct: float
+    # reward data: prompts per split, K samples each
+    n_train: int
+    n_val: int
+    n_test: int
+    # alignment budget: optimizer steps, prompts per step, likelihood probe every n steps
+    align_steps: int
+    align_batch: int
+    probe_every: int
+    # evaluation: sampled responses per held-out prompt
+    eval_samples: int = 4
+
+
+PRESETS: dict[str, Preset] = {
+    # Used by the tests: the whole pipeline in well under a minute on one core.
+    "tiny": Preset(
+        name="tiny",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        min_len=3,
+        max_len=5,
+        n_demos=512,
+        sft_epochs=2,
+        sft_lr=3e-3,
+        sft_batch=64,
+        p_correct=0.4,
+        n_train=64,
+        n_val=16,
+        n_test=32,
+        align_steps=8,
+        align_batch=8,
+        probe_every=4,
+        eval_samples=2,
+    ),
+    # The default demo and the reproduction.
+    "small": Preset(
+        name="small",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        min_len=3,
+        max_len=7,
+        n_demos=6000,
+        sft_epochs=3,
+        sft_lr=3e-3,
+        sft_batch=64,
+        p_correct=0.4,
+        n_train=1024,
+        n_val=128,
+        n_test=256,
+        align_steps=64,
+        align_batch=16,
+        probe_every=8,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class AlignHParams:
+    """Alignment hyper-parameters. `alpha` (reward temperature) is used by NCA/InfoNCA only."""
+
+    learning_rate: float = 1e-3
+    beta: float = 0.1
+    alpha: float = 0.1
+
+
+# The demo's defaults per size and trainer. For "small" these are the grid points the reproduction selected on the
+# validation split of its tuning seed (docs/results.md, "Tuning"); "tiny" only exercises the code paths.
+DEFAULT_HPARAMS: dict[str, dict[str, AlignHParams]] = {
+    "tiny": {method: AlignHParams(learning_rate=1e-3, beta=0.1, alpha=0.1) for method in METHODS},
+    "small": {
+        "nca": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
+        "infonca": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
+        "dpo": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
+        "dpo_all": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
+    },
+}
+
+
+class _BarOnlyProgress(ProgressCallback):
+    """transformers' progress bar without the dump of every logged metrics dict (metrics stay in `log_history`)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+        return None
+
+
+def quiet_logs(trainer: Any) -> None:
+    """Keep a trainer's progress bar (if any) but stop it from printing each logged metrics dict."""
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarOnlyProgress)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, torch and transformers."""
+    from transformers import set_seed as hf_set_seed
+
+    random.seed(seed)
+    hf_set_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 1-2: tokenizer, model, SFT warm start
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_demo_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE trained on task text (each ``" d"`` digit is one token), with a Zephyr-style chat template."""
+    from trl_nca.tiny import build_tokenizer
+
+    return build_tokenizer(tokenizer_corpus(), vocab_size=320)
+
+
+def user_message(digits: Sequence[int]) -> list[dict[str, str]]:
+    """The conversational prompt for a digit list."""
+    return [{"role": "user", "content": format_prompt(digits)}]
+
+
+def assistant_message(text: str) -> list[dict[str, str]]:
+    """A conversational completion."""
+    return [{"role": "assistant", "content": text}]
+
+
+def split_prompts(preset: Preset, seed: int) -> dict[str, list[list[int]]]:
+    """Disjoint-by-construction random prompt sets for SFT demos, alignment training, validation and test.
+
+    Each split has its own generator; a held-out prompt may coincide with a training one by chance (the space of short
+    digit lists is small), which is also true of real prompt distributions and does not favour any method.
+    """
+    sizes = {"sft": preset.n_demos, "train": preset.n_train, "val": preset.n_val, "test": preset.n_test}
+    return {
+        name: make_prompts(n, random.Random(f"{seed}-{name}"), preset.min_len, preset.max_len)
+        for name, n in sizes.items()
+    }
+
+
+def sft_dataset_rows(digit_lists: Sequence[Sequence[int]], preset: Preset, seed: int) -> list[dict[str, Any]]:
+    """Conversational prompt/completion rows from the imperfect demonstrator (`task.demonstrate`)."""
+    rng = random.Random(f"{seed}-demonstrator")
+    return [
+        {"prompt": user_message(d), "completion": assistant_message(demonstrate(d, rng, preset.p_correct))}
+        for d in digit_lists
+    ]
+
+
+def train_sft(
+    preset: Preset,
+    tokenizer: PreTrainedTokenizerBase,
+    demo_rows: list[dict[str, Any]],
+    seed: int,
+    output_dir: str | Path,
+    show_progress: bool = True,
+) -> PreTrainedModel:
+    """Build a random-init Mistral-architecture model and fine-tune it with `trl.SFTTrainer` on `demo_rows`.
+
+    The model and tokenizer are saved to `output_dir`; the reference model and the alignment runs load them from there.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_nca.tiny import build_tiny_model
+
+    set_seed(seed)
+    model = build_tiny_model(
+        tokenizer,
+        "mistral",
+        hidden_size=preset.hidden_size,
+        num_hidden_layers=preset.num_hidden_layers,
+        num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_key_value_heads,
+        seed=seed,
+    )
+    args = SFTConfig(
+        output_dir=str(Path(output_dir) / "sft-trainer"),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        num_train_epochs=preset.sft_epochs,
+        per_device_train_batch_size=preset.sft_batch,
+        learning_rate=preset.sft_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        logging_steps=25,
+        max_length=64,
+        gradient_checkpointing=False,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not show_progress,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(demo_rows), processing_class=tokenizer
+    )
+    quiet_logs(trainer)
+    trainer.train()
+    model = trainer.model.eval()
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return model
+
+
+def load_model(path: str | Path) -> PreTrainedModel:
+    """Load a saved demo model (float32, sdpa attention) from a local folder."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 3: sampling and the reward dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict[str, str]]],
+    num_samples: int,
+    *,
+    seed: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    max_new_tokens: int = 24,
+    batch_size: int = 128,
+    desc: str = "Sampling",
+    show_progress: bool = True,
+) -> list[list[str]]:
+    """Generate `num_samples` responses per conversational prompt with `model.generate` (ancestral sampling at
+    `temperature`, no top-k/top-p truncation, or greedy if `do_sample=False`). Returns the assistant texts, cut at the
+    end-of-turn marker. Deterministic under `seed` for a fixed `batch_size`."""
+    from trl.trainer.utils import pad
+
+    torch.manual_seed(seed)
+    model.eval()
+    stop_ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]
+    outputs: list[list[str]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress, leave=False):
+        encoded = [
+            torch.tensor(_prompt_ids(tokenizer, p, add_generation_prompt=True))
+            for p in prompts[start : start + batch_size]
+        ]
+        input_ids = pad(encoded, padding_value=tokenizer.pad_token_id, padding_side="left")
+        attention_mask = pad([torch.ones_like(e) for e in encoded], padding_value=0, padding_side="left")
+        sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else {}
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=do_sample,
+            **sampling,
+        )[:, input_ids.shape[1] :].tolist()
+        texts = []
+        for ids in generated:
+            cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+            texts.append(tokenizer.decode(ids[:cut], skip_special_tokens=True).strip())
+        outputs.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
+    return outputs
+
+
+def reward_rows(prompts: Sequence[list[dict[str, str]]], completions: Sequence[list[str]]) -> list[dict[str, Any]]:
+    """Score sampled completions with the ground-truth reward: rows in trl-nca's conversational reward format."""
+    rows = []
+    for prompt, texts in zip(prompts, completions, strict=True):
+        rows.append(
+            {
+                "prompt": prompt,
+                "completions": [assistant_message(t) for t in texts],
+                "rewards": [sort_reward(prompt[0]["content"], t) for t in texts],
+            }
+        )
+    return rows
+
+
+def save_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Write one JSON object per line."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file written by `save_jsonl`."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def trainable_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reward rows every method trains on: those whose K sampled responses are all non-empty.
+
+    An empty sample (the model ended its turn at once) is a legitimate response with reward 0, but trl-nca's trainers
+    refuse empty assistant turns, so such prompts (rare: about 0.1% with the small preset) are left out for every
+    method alike rather than only for some.
+    """
+    return [r for r in rows if all(c[0]["content"].strip() for c in r["completions"])]
+
+
+def rank_order(rewards: Sequence[float]) -> list[int]:
+    """Indices of the responses from best to worst reward (ties keep sampling order)."""
+    return sorted(range(len(rewards)), key=lambda i: -rewards[i])
+
+
+def preference_pairs(rows: Sequence[dict[str, Any]], mode: str = "best_worst") -> list[dict[str, Any]]:
+    """Turn K-way reward rows into DPO pairs: `best_worst` (one pair per prompt) or `best_all` (the best response
+    against each strictly worse one). Prompts whose responses all tie carry no preference and are skipped."""
+    if mode not in ("best_worst", "best_all"):
+        raise ValueError(f"Unknown pairing mode {mode!r}")
+    pairs = []
+    for row in rows:
+        order = rank_order(row["rewards"])
+        best = order[0]
+        others = order[-1:] if mode == "best_worst" else order[1:]
+        for j in others:
+            if row["rewards"][j] < row["rewards"][best]:
+                pairs.append(
+                    {"prompt": row["prompt"], "chosen": row["completions"][best], "rejected": row["completions"][j]}
+                )
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-likelihoods of given responses (evaluation and the likelihood probe)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def completion_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Summed log-probability of every completion of every row given its prompt (the quantity DPO/NCA use).
+
+    Tokenisation follows TRL: prompt rendered with the generation prompt, prompt+completion rendered whole, the
+    completion starts at their common token prefix. Returns a float32 tensor of shape (len(rows), K).
+    """
+    from trl.data_utils import common_prefix_length
+    from trl.trainer.utils import pad
+
+    seqs, masks = [], []
+    for row in rows:
+        prompt_ids = _prompt_ids(tokenizer, row["prompt"], add_generation_prompt=True)
+        for completion in row["completions"]:
+            full = _prompt_ids(tokenizer, row["prompt"] + completion)
+            n = common_prefix_length(prompt_ids, full)
+            seqs.append(torch.tensor(full))
+            masks.append(torch.tensor([0] * n + [1] * (len(full) - n)))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        ids = pad(seqs[start : start + batch_size], padding_value=tokenizer.pad_token_id).to(device)
+        attn = pad([torch.ones_like(s) for s in seqs[start : start + batch_size]], padding_value=0).to(device)
+        mask = pad(masks[start : start + batch_size], padding_value=0).to(device)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+        token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        out.append((token_logps * mask[:, 1:]).sum(-1).cpu())
+    model.train(was_training)
+    k = len(rows[0]["completions"]) if rows else 0
+    return torch.cat(out).view(len(rows), k) if out else torch.zeros(0, k)
+
+
+def by_rank(values: torch.Tensor, rows: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """Reorder a (N, K) tensor of per-response values so that column k is each prompt's rank-k response (0 = best)."""
+    index = torch.tensor([rank_order(r["rewards"]) for r in rows], dtype=torch.long)
+    return values.gather(1, index)
+
+
+class RankLikelihoodProbe(TrainerCallback):
+    """Records the mean log-likelihood of held-out responses per reward rank (best ... worst) during training: the
+    paper's Figure 2 quantity, measured identically for every trainer (DPO logs only chosen/rejected)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]], every: int) -> None:
+        self.tokenizer = tokenizer
+        self.rows = list(rows)
+        self.every = max(1, every)
+        self.history: list[dict[str, Any]] = []
+
+    def _record(self, model: PreTrainedModel, step: int) -> None:
+        if self.history and self.history[-1]["step"] == step:
+            return
+        logps = by_rank(completion_logps(model, self.tokenizer, self.rows), self.rows)
+        self.history.append({"step": step, "logps_by_rank": logps.mean(0).tolist()})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: D102
+        self._record(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102
+        if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
+            self._record(model, state.global_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 4: alignment
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignResult:
+    """What one alignment run returns."""
+
+    model: PreTrainedModel
+    log_history: list[dict[str, Any]]
+    likelihood: list[dict[str, Any]]
+    wall_s: float
+    n_train_rows: int
+
+
+def align(
+    method: str,
+    sft_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    train_rows: Sequence[dict[str, Any]],
+    probe_rows: Sequence[dict[str, Any]] | None,
+    hparams: AlignHParams,
+    preset: Preset,
+    seed: int,
+    output_dir: str | Path,
+    show_progress: bool = True,
+) -> AlignResult:
+    """Align the SFT model in `sft_dir` on the reward rows with `method`:
+
+    - ``nca`` / ``infonca``: `trl_nca.NCATrainer` / `InfoNCATrainer` on all K responses per prompt;
+    - ``dpo``: `trl.DPOTrainer` (sigmoid loss) on the best-vs-worst pair of each prompt;
+    - ``dpo_all``: `trl.DPOTrainer` on the best response against each strictly worse one.
+
+    Budget, identical for all methods: `preset.align_steps` optimizer steps, each on the data of `preset.align_batch`
+    prompts (``dpo_all`` gets (K-1)x as many pairs per step, i.e. the same prompts' worth), cosine schedule with 10%
+    warm-up, the same reference model (the SFT model) and seed. `probe_rows` (reward rows, optional) are scored by a
+    `RankLikelihoodProbe` every `preset.probe_every` steps; its history is `AlignResult.likelihood`.
+    """
+    from datasets import Dataset
+
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
+    set_seed(seed)
+    train_rows = trainable_rows(train_rows)
+    model, ref_model = load_model(sft_dir).train(), load_model(sft_dir)
+    probe = RankLikelihoodProbe(tokenizer, probe_rows, preset.probe_every) if probe_rows else None
+    common = dict(
+        output_dir=str(Path(output_dir) / f"{method}-trainer"),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        learning_rate=hparams.learning_rate,
+        beta=hparams.beta,
+        max_steps=preset.align_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        weight_decay=0.0,
+        logging_steps=max(1, preset.align_steps // 16),
+        gradient_checkpointing=False,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not show_progress,
+    )
+    if method in ("dpo", "dpo_all"):
+        from trl import DPOConfig, DPOTrainer
+
+        rows = preference_pairs(train_rows, "best_worst" if method == "dpo" else "best_all")
+        batch = preset.align_batch * (K - 1 if method == "dpo_all" else 1)
+        args = DPOConfig(**common, per_device_train_batch_size=batch, loss_type=["sigmoid"])
+        trainer_cls = DPOTrainer
+    else:
+        from trl_nca import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
+
+        rows = list(train_rows)
+        config_cls, trainer_cls = (NCAConfig, NCATrainer) if method == "nca" else (InfoNCAConfig, InfoNCATrainer)
+        args = config_cls(**common, per_device_train_batch_size=preset.align_batch, alpha=hparams.alpha)
+    start = time.perf_counter()
+    trainer = trainer_cls(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[probe] if probe is not None else None,
+    )
+    quiet_logs(trainer)
+    trainer.train()
+    wall = time.perf_counter() - start
+    return AlignResult(
+        model=trainer.model.eval(),
+        log_history=list(trainer.state.log_history),
+        likelihood=probe.history if probe is not None else [],
+        wall_s=wall,
+        n_train_rows=len(rows),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 5: evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """What evaluation needs from the SFT model on a held-out split, computed once and shared by all methods."""
+
+    rows: list[dict[str, Any]]  # held-out prompts with K SFT samples and their rewards
+    logps: torch.Tensor  # (N, K) SFT log-likelihood of those samples
+    ideal_rows: list[dict[str, Any]]  # the same prompts with the ideal answer as the only completion
+    ideal_logps: torch.Tensor  # (N, 1)
+
+
+def make_reference(
+    sft_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]]
+) -> Reference:
+    """Compute the SFT model's log-likelihoods of the held-out samples and of the ideal answers."""
+    ideal_rows = [
+        {
+            "prompt": r["prompt"],
+            "completions": [assistant_message(ideal_answer(parse_prompt(r["prompt"][0]["content"])))],
+        }
+        for r in rows
+    ]
+    return Reference(
+        rows=list(rows),
+        logps=completion_logps(sft_model, tokenizer, rows),
+        ideal_rows=ideal_rows,
+        ideal_logps=completion_logps(sft_model, tokenizer, ideal_rows),
+    )
+
+
+def evaluate_policy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    reference: Reference,
+    preset: Preset,
+    seed: int,
+    show_progress: bool = True,
+    desc: str = "Evaluating",
+) -> dict[str, Any]:
+    """Ground-truth reward of the model's own outputs on the held-out prompts, and likelihood changes vs the SFT model.
+
+    - `reward_sampled`: mean reward of `preset.eval_samples` responses per prompt, sampled at temperature 1 with a
+      fixed seed (the distribution the KL-regularised objectives shape); `reward_greedy`: greedy decoding.
+    - `best_logp_change`: mean change (nats, summed over tokens) of the log-likelihood of each prompt's best held-out
+      SFT sample; `rank_logp_change`: the same for every rank (best ... worst); `ideal_logp_change`: for the ideal
+      answer (the sorted list), which the SFT samples may not contain.
+    - `ranking_accuracy`: fraction of held-out prompts (with at least two distinct rewards) where the implicit reward
+      log π/μ is highest on a best-rewarded response (`rewards/accuracies` in the trainers' logs); `None` for the SFT
+      model itself, whose implicit rewards are all zero.
+    """
+    prompts = [r["prompt"] for r in reference.rows]
+    sampled = generate_completions(
+        model,
+        tokenizer,
+        prompts,
+        preset.eval_samples,
+        seed=seed + 10_007,
+        desc=f"{desc} (sampled)",
+        show_progress=show_progress,
+    )
+    greedy = generate_completions(
+        model, tokenizer, prompts, 1, seed=seed, do_sample=False, desc=f"{desc} (greedy)", show_progress=show_progress
+    )
+    rewards_sampled = [sort_reward(p[0]["content"], t) for p, ts in zip(prompts, sampled) for t in ts]
+    rewards_greedy = [sort_reward(p[0]["content"], ts[0]) for p, ts in zip(prompts, greedy)]
+    delta = completion_logps(model, tokenizer, reference.rows) - reference.logps
+    ranked = by_rank(delta, reference.rows)
+    ideal_delta = completion_logps(model, tokenizer, reference.ideal_rows) - reference.ideal_logps
+    hits, counted = 0, 0
+    for i, row in enumerate(reference.rows):
+        rewards = row["rewards"]
+        if max(rewards) == min(rewards):
+            continue
+        counted += 1
+        hits += rewards[int(delta[i].argmax())] == max(rewards)
+    is_reference = bool(torch.all(delta.abs() < 1e-4))
+    return {
+        "reward_sampled": sum(rewards_sampled) / len(rewards_sampled),
+        "reward_greedy": sum(rewards_greedy) / len(rewards_greedy),
+        "exact_sampled": sum(r == 1.0 for r in rewards_sampled) / len(rewards_sampled),
+        "best_logp_change": ranked[:, 0].mean().item(),
+        "rank_logp_change": ranked.mean(0).tolist(),
+        "ideal_logp_change": ideal_delta.mean().item(),
+        "ranking_accuracy": None if is_reference or counted == 0 else hits / counted,
+        "examples": [
+            {"prompt": p[0]["content"], "greedy": g[0], "sampled": s} for p, g, s in zip(prompts[:5], greedy, sampled)
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seed-level preparation (cached): SFT model + reward datasets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """The shared, cached inputs of every alignment run for one seed."""
+
+    seed: int
+    preset: Preset
+    sft_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    data: dict[str, list[dict[str, Any]]]  # "train", "val", "test" reward rows
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(preset: Preset, seed: int, workdir: str | Path, show_progress: bool = True, log: Any = print) -> Prepared:
+    """Stages 1-3 for one seed, cached in `workdir`: tokenizer, SFT model (`workdir/sft`) and the K-sample reward
+    datasets (`workdir/reward_data/{train,val,test}.jsonl`). A cache is reused only if its `meta.json` matches."""
+    from transformers import AutoTokenizer
+
+    workdir = Path(workdir)
+    sft_dir, data_dir = workdir / "sft", workdir / "reward_data"
+    meta = {"preset": asdict(preset), "seed": seed, "K": K, "format": 1}
+    meta_path = workdir / "meta.json"
+    splits = ("train", "val", "test")
+    if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+        log(f"[seed {seed}] reusing the cached SFT model and reward data in {workdir}")
+        tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+        data = {s: load_jsonl(data_dir / f"{s}.jsonl") for s in splits}
+        return Prepared(seed, preset, sft_dir, tokenizer, data)
+
+    timings = {}
+    t0 = time.perf_counter()
+    set_seed(seed)
+    tokenizer = build_demo_tokenizer()
+    prompts = split_prompts(preset, seed)
+    n_demos = len(prompts["sft"])
+    log(f"[seed {seed}] SFT warm start on {n_demos} imperfect demonstrations (p_correct={preset.p_correct})")
+    sft_model = train_sft(
+        preset, tokenizer, sft_dataset_rows(prompts["sft"], preset, seed), seed, sft_dir, show_progress=show_progress
+    )
+    timings["sft_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = {}
+    for i, split in enumerate(splits):
+        messages = [user_message(d) for d in prompts[split]]
+        completions = generate_completions(
+            sft_model,
+            tokenizer,
+            messages,
+            K,
+            seed=seed * 100 + i,
+            desc=f"Sampling K={K} ({split})",
+            show_progress=show_progress,
+        )
+        data[split] = reward_rows(messages, completions)
+        save_jsonl(data[split], data_dir / f"{split}.jsonl")
+    timings["sampling_s"] = time.perf_counter() - t0
+    meta_path.write_text(json.dumps(meta))
+    return Prepared(seed, preset, sft_dir, tokenizer, data, timings)
+
+
+def reward_stats(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Summary of a reward dataset: mean reward, mean best/worst per prompt, fraction of prompts with all ties."""
+    n = max(1, len(rows))
+    return {
+        "mean": sum(sum(r["rewards"]) / len(r["rewards"]) for r in rows) / n,
+        "best": sum(max(r["rewards"]) for r in rows) / n,
+        "worst": sum(min(r["rewards"]) for r in rows) / n,
+        "all_tied": sum(max(r["rewards"]) == min(r["rewards"]) for r in rows) / n,
+    }
