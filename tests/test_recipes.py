@@ -221,6 +221,9 @@ def test_recipe_trains_two_steps(path, tiny_models, tmp_path):
             assert any(target.split(".")[-2] in name and "lora_A" in name for name in trainable), target
     else:
         assert (tmp_path / "out" / "model.safetensors").is_file()
+    # The run's curves are drawn at the end of training (the `plot` extra), as real PNG files.
+    for name in ("logps.png", "rewards.png", "accuracies.png"):
+        assert (tmp_path / "out" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     if recipe.get("load_in_4bit"):
         import bitsandbytes as bnb
 

@@ -423,6 +423,16 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if trainer.is_world_process_zero():
+        # The log history next to the model, and the per-rank likelihood/reward/accuracy curves drawn from it.
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+        try:
+            from trl_nca.plotting import plot_run
+
+            written = plot_run(training_args.output_dir)
+            trainer.accelerator.print(f"Training curves: {', '.join(str(path) for path in written)}")
+        except ImportError as error:  # matplotlib is the optional `plot` extra
+            trainer.accelerator.print(f"Skipping the training curves: {error}")
 
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
