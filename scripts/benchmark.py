@@ -152,6 +152,20 @@ DEFAULT_PROMPTS_PER_STEP = {"micro": 2, "cpu": 2, "gpu-1b": 8}
 
 
 # ---------------------------------------------------------------------------------------------------------- data
+def data_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `sample_rows` keyword arguments (length distribution and seed) given on the command line."""
+    return dict(
+        prompt_median=args.prompt_median,
+        prompt_sigma=args.prompt_sigma,
+        response_median=args.response_median,
+        response_sigma=args.response_sigma,
+        min_length=args.min_length,
+        prompt_max=args.prompt_max,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+
+
 def stratified_lognormal_lengths(
     n: int, median: float, sigma: float, low: int, high: int, rng: random.Random
 ) -> list[int]:
@@ -738,16 +752,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     size = MODEL_SIZES[args.model_size]
     prompts_per_step = args.prompts_per_step or DEFAULT_PROMPTS_PER_STEP[args.model_size]
     n_prompts = (args.warmup + args.steps) * prompts_per_step
-    data_settings = dict(
-        prompt_median=args.prompt_median,
-        prompt_sigma=args.prompt_sigma,
-        response_median=args.response_median,
-        response_sigma=args.response_sigma,
-        min_length=args.min_length,
-        prompt_max=args.prompt_max,
-        max_length=args.max_length,
-        seed=args.seed,
-    )
+    data_settings = data_settings_from_args(args)
     rows = sample_rows(n_prompts, vocab_size=size["vocab_size"], **data_settings)
     settings = dict(
         model_size=args.model_size,

@@ -37,6 +37,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return str(path)
 
 
+def load_script(path):
+    """Import a script from `scripts/` (not a package) as a module, for tests that call its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cpu_args(config_cls, output_dir, **overrides):
     """A trainer config that runs on a CPU box: fp32, no reporting, no saving unless asked, deterministic."""
     defaults = dict(

@@ -1,11 +1,11 @@
 """scripts/benchmark.py on a micro config: the JSON schema, and every layout sees the same data. No timing asserts."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 MICRO = [
@@ -50,10 +50,7 @@ LAYOUT_KEYS = {
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("trl_nca_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -102,18 +99,8 @@ def test_layouts_saw_identical_data(micro_result):
 def test_worker_protocol(benchmark, tmp_path):
     """The subprocess path: a worker reads a spec and the rows from files and writes one layout's result."""
     args = benchmark.parse_args(MICRO)
-    rows = benchmark.sample_rows(
-        4,
-        vocab_size=benchmark.MODEL_SIZES["micro"]["vocab_size"],
-        prompt_median=args.prompt_median,
-        prompt_sigma=args.prompt_sigma,
-        response_median=args.response_median,
-        response_sigma=args.response_sigma,
-        min_length=args.min_length,
-        prompt_max=args.prompt_max,
-        max_length=args.max_length,
-        seed=0,
-    )
+    data = {**benchmark.data_settings_from_args(args), "seed": 0}
+    rows = benchmark.sample_rows(4, vocab_size=benchmark.MODEL_SIZES["micro"]["vocab_size"], **data)
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     settings = dict(
         model_size="micro",

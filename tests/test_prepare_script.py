@@ -1,6 +1,5 @@
 """scripts/prepare_ultrafeedback.py end to end on the hand-made fixtures: saved splits and report counts."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from datasets import load_from_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,10 +17,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("prepare_ultrafeedback", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
