@@ -2,7 +2,8 @@
 
 Accepted row formats (standard text or conversational messages, as in TRL):
 
-- reward: `prompt`, `completions` (list of K >= 2 responses), `rewards` (K finite numbers); K may differ per row;
+- reward: `prompt`, `completions` (list of K >= 2 responses), `rewards` (K finite numbers; `True`/`False` count as
+  1/0, e.g. pass/fail verdicts); K may differ per row;
 - preference: `prompt`/`chosen`/`rejected`, or `chosen`/`rejected` with an implicit prompt (their common prefix). A
   preference row becomes K = 2 with rewards (1, 0) and hard labels.
 
@@ -30,10 +31,26 @@ logger = logging.get_logger(__name__)
 REWARD_COLUMNS = ("prompt", "completions", "rewards")
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_ids", "completion_ids", "rewards", "hard_labels")
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
 
 
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _has_tool_calls(message: dict) -> bool:
+    return bool(message.get("tool_calls"))
+
+
+def first_row(dataset: Dataset | IterableDataset, dataset_name: str) -> dict:
+    """The first row of `dataset`; a `ValueError` naming the dataset when it has none."""
+    try:
+        return next(iter(dataset))
+    except StopIteration:
+        raise ValueError(
+            f"The {dataset_name} dataset is empty (0 rows). Pass a dataset with at least one row, or no "
+            f"{dataset_name} dataset at all."
+        ) from None
 
 
 def _describe(value: Any) -> str:
@@ -62,13 +79,19 @@ def _check_text_or_messages(value: Any, column: str, index: int, conversational:
                 f"{where}: expected a list of chat messages ({{'role', 'content'}} dicts) like the prompt, got "
                 f"{_describe(value)}. A row cannot mix plain text and messages."
             )
-        if any(not isinstance(m.get("content"), (str, list)) for m in value):
-            raise ValueError(f"{where}: every message needs a `content` string, got {_describe(value)}.")
+        # Assistant turns that call tools may have no content (TRL's tool-calling format); every other turn needs it.
+        if any(not isinstance(m.get("content"), (str, list)) and not _has_tool_calls(m) for m in value):
+            raise ValueError(
+                f"{where}: every message needs a `content` string (or, for an assistant turn, `tool_calls`), got "
+                f"{_describe(value)}."
+            )
         if role is not None and not any(m["role"] == role for m in value):
             raise ValueError(
                 f"{where}: a conversational completion needs an {role!r} turn, got roles {[m['role'] for m in value]}."
             )
-        if role is not None and all(not m["content"] for m in value if m["role"] == role):
+        if role is not None and all(
+            not m.get("content") and not _has_tool_calls(m) for m in value if m["role"] == role
+        ):
             raise ValueError(f"{where}: the {role!r} turn is empty.")
     else:
         if not isinstance(value, str):
@@ -126,17 +149,22 @@ def validate_example(example: dict, index: int) -> None:
         role = "assistant" if conversational else ""
         _check_text_or_messages(completion, f"completions[{k}]", index, conversational, role)
     for k, reward in enumerate(rewards):
-        if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
+        # bool counts as 1/0 (pass/fail verifiers); Arrow already casts bools mixed with floats that way.
+        if not isinstance(reward, numbers.Real):
             raise ValueError(f"row {index}, column `rewards[{k}]`: expected a number, got {_describe(reward)}.")
         if not math.isfinite(reward):
             raise ValueError(f"row {index}, column `rewards[{k}]`: expected a finite number, got {reward}.")
 
 
 def preference_to_kway(example: dict) -> dict:
-    """A (validated) preference row as a K = 2 reward row with hard labels: `rewards=[1, 0]`."""
+    """A (validated) preference row as a K = 2 reward row with hard labels: `rewards=[1, 0]`.
+
+    The chat template inputs `tools` and `chat_template_kwargs` are kept, so the row renders as DPOTrainer renders it.
+    """
     if "prompt" not in example:
         example = {**example, **extract_prompt(example)}
     return {
+        **{key: example[key] for key in TEMPLATE_COLUMNS if key in example},
         "prompt": example["prompt"],
         "completions": [example["chosen"], example["rejected"]],
         "rewards": [1.0, 0.0],
@@ -193,10 +221,11 @@ def prepare_dataset(
     """Validate and tokenize a reward or preference dataset for the K-way trainers.
 
     Already tokenized datasets (with `prompt_ids` and `completion_ids`) are returned unchanged. With `max_length` and
-    `keep_start` truncation, rows whose prompt alone fills `max_length` are dropped (they have no response tokens
-    left), with a warning that counts them.
+    `keep_start` truncation, rows whose prompt alone fills `max_length` are dropped (they have no response token
+    left), with a warning that counts them. Errors name the dataset (`dataset_name`) and the row: an empty dataset, a
+    malformed row, or a dataset left without rows by `max_length`.
     """
-    first = next(iter(dataset))
+    first = first_row(dataset, dataset_name)
     if "prompt_ids" in first and "completion_ids" in first:
         return dataset
     if "image" in first or "images" in first:
@@ -208,9 +237,12 @@ def prepare_dataset(
         map_kwargs["num_proc"] = num_proc
 
     def process(example: dict, index: int) -> dict:
-        if row_format(example) != kind:
-            raise ValueError(f"row {index}: the dataset mixes reward rows and preference rows.")
-        validate_example(example, index)
+        try:
+            if row_format(example) != kind:
+                raise ValueError(f"row {index}: the dataset mixes reward rows and preference rows.")
+            validate_example(example, index)
+        except ValueError as error:
+            raise ValueError(f"{dataset_name} dataset, {error}") from None
         if kind == "preference":
             example = preference_to_kway(example)
         return tokenize_example(example, processing_class, eos_token)
@@ -232,4 +264,12 @@ def prepare_dataset(
                     )
             else:
                 dataset = dataset.filter(keep)
+            # A stream is read up to its first kept row, which also validates the rows before it.
+            is_empty = len(dataset) == 0 if is_map_style else next(iter(dataset), None) is None
+            if is_empty:
+                raise ValueError(
+                    f"Every row of the {dataset_name} dataset was dropped: each prompt alone has >= "
+                    f"max_length={max_length} tokens, so no response token would survive truncation. Raise "
+                    "`max_length` (or set it to None) or shorten the prompts."
+                )
     return dataset
