@@ -31,7 +31,11 @@ TOOLS = [
         "function": {
             "name": "start_timer",
             "description": "Starts a timer.",
-            "parameters": {"type": "object", "properties": {"duration": {"type": "integer"}}, "required": ["duration"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"duration": {"type": "integer"}},
+                "required": ["duration"],
+            },
         },
     }
 ]
@@ -122,7 +126,9 @@ def test_tool_calling_reward_rows_train(tmp_path, qwen_tokenizer, make_model):
 def test_preference_rows_keep_chat_template_kwargs_and_tools(qwen_tokenizer):
     """TRL's `test_train_with_chat_template_kwargs` template switch, and `tools`, on preference rows (explicit and
     implicit prompt): the prompt renders exactly as DPOTrainer renders it."""
-    template = QWEN_TEMPLATE.replace("'<|im_start|>system\\n", "'<|im_start|>' + ('SYSTEM' if shout else 'system') + '\\n")
+    template = QWEN_TEMPLATE.replace(
+        "'<|im_start|>system\\n", "'<|im_start|>' + ('SYSTEM' if shout else 'system') + '\\n"
+    )
     assert template != QWEN_TEMPLATE
     tokenizer = build_tokenizer()
     tokenizer.chat_template = template
@@ -334,3 +340,30 @@ def test_evaluate_new_dataset_after_training_with_precompute_raises_as_dpo(tmp_p
     trainer.train()
     with pytest.raises(ValueError, match="Cannot compute reference log-probs for a dataset passed to"):
         trainer.evaluate(eval_dataset=Dataset.from_list(rows[4:]))
+
+
+@pytest.mark.slow
+def test_streamed_eval_on_two_processes_equals_one_process_map_style(tmp_path):
+    """2-process DDP (gloo): streamed and map-style eval sets give the same metrics, and the eval loss of a single
+    process on the same rows (the batches of 2 prompts are the same; only their process differs)."""
+    import os
+    import subprocess
+    import sys
+
+    import streamed_eval_probe as probe
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    config = tests.parent / "recipes" / "accelerate_configs" / "cpu_ddp.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+               "--main_process_port", "0", str(tests / "streamed_eval_probe.py"), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    single = probe.evaluate("padded", Dataset.from_list(probe.rows()), str(tmp_path / "single"))
+    for layout in ("padded", "shared_prompt"):
+        map_style, streamed = metrics[f"{layout}/map"], metrics[f"{layout}/streamed"]
+        assert map_style["world_size"] == streamed["world_size"] == 2
+        _assert_same_metrics(streamed, map_style)
+        assert map_style["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-6)
