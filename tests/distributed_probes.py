@@ -87,3 +87,15 @@ class StopAtStep(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class SlowSteps(TrainerCallback):
+    """Sleep ``$TRL_NCA_STEP_SLEEP`` seconds (default 0.3) after every step, so a test can signal a run mid-way."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.sleep, self.delay = time.sleep, float(os.environ.get("TRL_NCA_STEP_SLEEP", "0.3"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sleep(self.delay)

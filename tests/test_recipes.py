@@ -22,7 +22,7 @@ import pytest
 import yaml
 from recipe_data import save_dataset, save_model
 
-from trl_nca.cli import resolve_accelerate_config, resolve_recipe
+from trl_nca.cli import UsageError, resolve_accelerate_config, resolve_recipe
 from trl_nca.scripts.train import main, make_parser, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_trainer_key_picks_the_config_class():
 def test_bundled_recipe_names_resolve():
     assert resolve_recipe("mistral-7b/nca_reward_qlora") == RECIPES_DIR / "mistral-7b" / "nca_reward_qlora.yaml"
     assert resolve_accelerate_config("cpu_zero3") == ACCELERATE_DIR / "cpu_zero3.yaml"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="no_such_config"):
         resolve_accelerate_config("no_such_config")
 
 
@@ -259,13 +259,14 @@ def test_launcher_splits_accelerate_and_script_arguments(tmp_path, monkeypatch):
     recipe.write_text(
         (RECIPES_DIR / "tiny" / "nca_reward_zero3_cpu.yaml").read_text() + "env:\n  TRL_NCA_TEST_ENV: 'on'\n"
     )
-    launch_args, script_args = build_launch_arguments(
+    launch_args, script_args, output_dir = build_launch_arguments(
         [str(recipe), "--beta", "0.3", "--main_process_port", "29999", "--num_processes", "1"]
     )
     assert Path(launch_args[launch_args.index("--config_file") + 1]) == ACCELERATE_DIR / "cpu_zero3.yaml"
     assert launch_args[launch_args.index("--num_processes") + 1] == "1"  # the flag beats the recipe's 2
     assert launch_args[-2:] == ["--main_process_port", "29999"]  # unknown to the script: goes to accelerate
     assert script_args == ["--config", str(recipe), "--beta", "0.3", "--num_processes", "1"]
+    assert output_dir == "runs/tiny-nca-zero3"
     assert os.environ["TRL_NCA_TEST_ENV"] == "on"  # the recipe's env: block reaches the launcher and its children
 
     bad = tmp_path / "bad.yaml"
@@ -312,7 +313,7 @@ def test_dataset_sources(source, tmp_path):
     assert len(loaded["train"]) == 6 and loaded["train"][0]["rewards"] == data["train"][0]["rewards"]
     if source in ("save_to_disk_dict", "json_folder"):
         assert len(loaded["test"]) == 2
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no data file matches .*missing.jsonl"):
         load_raw_datasets(NCAScriptArguments(dataset_name=str(tmp_path / "missing.jsonl")))
 
 

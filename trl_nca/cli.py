@@ -19,12 +19,15 @@ files). Accelerate config names missing from all of these fall back to the confi
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import logging
 import os
+import shlex
+import signal
 import site
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 USAGE = """usage: trl-nca <command> [<args>]
@@ -37,6 +40,25 @@ commands:
 """
 
 RECIPES_ENV = "TRL_NCA_RECIPES_DIR"
+#: Set by ``trl-nca train`` for multi-process launches: each training process exits when the launcher is gone.
+WATCH_PARENT_ENV = "TRL_NCA_WATCH_PARENT"
+#: The ``trl-nca train`` arguments, so that a training process can print the command that resumes the run.
+COMMAND_ENV = "TRL_NCA_COMMAND"
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the recipe: printed as one line, exit status 2, no traceback."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean `x`?)`` for the known name closest to ``name`` (one extends the other, or they are spelled
+    alike), else an empty string."""
+    known = list(known)
+    extending = [k for k in known if len(k) > 3 and (name.startswith(k) or k.startswith(name))]
+    if extending:
+        return f" (did you mean `{min(extending, key=lambda k: abs(len(k) - len(name)))}`?)"
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" (did you mean `{match[0]}`?)" if match else ""
 
 
 def recipe_dirs() -> list[Path]:
@@ -60,7 +82,11 @@ def resolve_recipe(name: str | os.PathLike) -> Path:
             if candidate.is_file():
                 return candidate
     searched = ", ".join(str(folder) for folder in recipe_dirs()) or "no recipes folder found"
-    raise FileNotFoundError(f"Recipe {name!s} is neither a file nor a bundled recipe (searched: {searched}).")
+    bundled = [str(p.relative_to(d).with_suffix("")) for d in recipe_dirs() for p in d.rglob("*.yaml")]
+    raise UsageError(
+        f"Recipe {name!s} is neither a file nor a bundled recipe{did_you_mean(str(path.with_suffix('')), bundled)} "
+        f"(searched: {searched})."
+    )
 
 
 def resolve_accelerate_config(name: str | os.PathLike) -> Path:
@@ -83,8 +109,9 @@ def resolve_accelerate_config(name: str | os.PathLike) -> Path:
     if trl_candidate.is_file():
         return Path(str(trl_candidate))
     bundled = sorted({p.stem for folder in recipe_dirs() for p in (folder / "accelerate_configs").glob("*.yaml")})
-    raise FileNotFoundError(
-        f"Accelerate config {name!s} is neither a file nor a bundled config (bundled: {', '.join(bundled) or 'none'})."
+    raise UsageError(
+        f"Accelerate config {name!s} is neither a file nor a bundled config{did_you_mean(path.stem, bundled)} "
+        f"(bundled: {', '.join(bundled) or 'none'})."
     )
 
 
@@ -101,37 +128,74 @@ def _remove_subsequence(tokens: Sequence[str], subsequence: Sequence[str]) -> li
     return kept
 
 
-def build_launch_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split ``trl-nca train`` arguments into (``accelerate launch`` arguments, training-script arguments).
+def _accelerate_options() -> dict[str, bool]:
+    """``accelerate launch``'s option strings, each mapped to whether it takes a value."""
+    from accelerate.commands.launch import launch_command_parser
+
+    return {
+        option: action.nargs != 0
+        for action in launch_command_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+
+
+def _split_launcher_flags(unknown: Sequence[str], script_options: Iterable[str]) -> list[str]:
+    """The ``accelerate launch`` flags among the tokens the training script does not know; a `UsageError` for any
+    other token, with the closest known flag. Flags must be spelled out (no abbreviations)."""
+    accelerate = _accelerate_options()
+    flags, index = [], 0
+    while index < len(unknown):
+        token = unknown[index]
+        name = token.split("=", 1)[0]
+        if name not in accelerate:
+            hint = did_you_mean(name, [*script_options, *accelerate]) if name.startswith("--") else ""
+            what = "flag" if name.startswith("--") else "argument"
+            raise UsageError(f"unknown {what} `{name}`{hint}. See `trl-nca train RECIPE --help` for the flags.")
+        flags.append(token)
+        index += 1
+        if accelerate[name] and "=" not in token and index < len(unknown) and not unknown[index].startswith("--"):
+            flags.append(unknown[index])
+            index += 1
+    return flags
+
+
+def build_launch_arguments(argv: Sequence[str]) -> tuple[list[str], list[str], str]:
+    """Split ``trl-nca train`` arguments into (``accelerate launch`` arguments, training-script arguments, output dir).
 
     The recipe and the flags are checked against the training script's parser (without building the configs, so no
-    distributed state is created in the launcher): unknown recipe keys raise; unknown flags go to
-    ``accelerate launch``; ``accelerate_config``/``num_processes`` become ``--config_file``/``--num_processes``. The
-    recipe's ``env:`` mapping is exported so that the launcher and every process see it.
+    distributed state is created in the launcher): unknown recipe keys, unknown flags and bad values raise a
+    `UsageError`; ``accelerate launch`` options pass through; ``accelerate_config``/``num_processes`` become
+    ``--config_file``/``--num_processes``. The recipe's ``env:`` mapping is exported so that the launcher and every
+    process see it.
     """
     from trl_nca.scripts.train import make_parser, normalize_argv, peek_trainer, read_recipe
 
     script_argv = normalize_argv(argv)
-    if "-h" in script_argv or "--help" in script_argv:
-        make_parser(peek_trainer(script_argv), prog="trl-nca train").parse_args(["--help"])
     parser = make_parser(peek_trainer(script_argv), prog="trl-nca train")
+    if "-h" in script_argv or "--help" in script_argv:
+        parser.print_help()
+        raise SystemExit(0)
     recipe = read_recipe(script_argv)
     env = recipe.pop("env", None) or {}
     if not isinstance(env, dict):
-        raise ValueError("The recipe's `env` must be a mapping of environment variables.")
+        raise UsageError("The recipe's `env` must be a mapping of environment variables.")
     for key, value in env.items():
         os.environ[str(key)] = str(value)
     unknown_keys = parser.set_defaults_with_config(**recipe)
     if unknown_keys:
-        raise ValueError(
-            f"Unknown keys in the recipe: {unknown_keys[::2]}. Recipe keys must be fields of the script arguments, "
-            "the trainer config or trl.ModelConfig (launcher options belong in the accelerate config)."
+        key = unknown_keys[0].lstrip("-")
+        raise UsageError(
+            f"unknown key `{key}` in the recipe {script_argv[script_argv.index('--config') + 1]}"
+            f"{did_you_mean(key, parser.field_names())}. Recipe keys are fields of the script arguments, the trainer "
+            "config or trl.ModelConfig (launcher options belong in the accelerate config)."
         )
     parse_argv = list(script_argv)
     if "--config" in parse_argv:
         index = parse_argv.index("--config")
         del parse_argv[index : index + 2]
-    namespace, launcher_flags = parser.parse_known_args(parse_argv)
+    namespace, unknown = parser.parse_known_args(parse_argv)
+    launcher_flags = _split_launcher_flags(unknown, parser.option_names())
 
     launch_args: list[str] = []
     if namespace.accelerate_config:
@@ -139,26 +203,121 @@ def build_launch_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     if namespace.num_processes is not None:
         launch_args += ["--num_processes", str(namespace.num_processes)]
     launch_args += launcher_flags
-    return launch_args, _remove_subsequence(script_argv, launcher_flags)
+    return launch_args, _remove_subsequence(script_argv, launcher_flags), namespace.output_dir
+
+
+def _validated_launch(launch_args: list[str]):
+    """accelerate's launch namespace, completed from the accelerate config and defaults (its notice about defaults
+    is silenced: ``trl-nca train`` passes what a recipe needs)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    accelerate_logger = logging.getLogger("accelerate.commands.launch")
+    level = accelerate_logger.level
+    accelerate_logger.setLevel(logging.ERROR)
+    try:
+        return _validate_launch_command(launch_command_parser().parse_args(launch_args))
+    finally:
+        accelerate_logger.setLevel(level)
+
+
+def _is_single_process(args, defaults) -> bool:
+    """Whether ``accelerate launch`` would run the script as one plain process (its ``simple_launcher``)."""
+    from accelerate.utils import ComputeEnvironment
+
+    distributed = (args.use_deepspeed or args.use_fsdp or args.use_megatron_lm or args.multi_gpu or args.tpu) and (
+        not args.cpu
+    )
+    sagemaker = defaults is not None and defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER
+    return not distributed and not sagemaker and args.mpirun_hostfile is None
 
 
 def train(argv: Sequence[str]) -> int:
-    """``trl-nca train``: launch ``trl_nca.scripts.train`` with ``accelerate launch``; returns the exit status."""
+    """``trl-nca train``: run ``trl_nca.scripts.train`` as ``accelerate launch`` would; returns the exit status.
+
+    A single-process run replaces this process (``exec``): no launcher stays in between, so a signal reaches the
+    training itself. A multi-process run goes through accelerate's launcher in this process; its training processes
+    exit when it is gone (``TRL_NCA_WATCH_PARENT``), and an interruption or a failed process ends it with one line.
+    """
+    launch_args, script_args, output_dir = build_launch_arguments(argv)
+    launch_args = [*launch_args, "--module", "trl_nca.scripts.train", *script_args]
+    os.environ[COMMAND_ENV] = shlex.join(["trl-nca", "train", *argv])
+    args, defaults, _ = _validated_launch(launch_args)
+    if _is_single_process(args, defaults):
+        from accelerate.utils import prepare_simple_launcher_cmd_env
+
+        command, env = prepare_simple_launcher_cmd_env(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvpe(command[0], command, env)
+
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    launch_args, script_args = build_launch_arguments(argv)
-    accelerate_args = launch_command_parser().parse_args(
-        launch_args + ["--module", "trl_nca.scripts.train"] + script_args
-    )
+    os.environ[WATCH_PARENT_ENV] = "1"
+    # torchrun's agent logs each signal it relays and each worker it stops; the outcome is reported below in one line.
+    import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
+
+    for name in ["accelerate.commands.launch", *logging.root.manager.loggerDict]:
+        if name.startswith(("accelerate.commands.launch", "torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        launch_command(accelerate_args)
-    except subprocess.CalledProcessError as error:
-        return error.returncode or 1
-    except Exception as error:  # torchrun's ChildFailedError and friends: accelerate already printed the details
-        if type(error).__name__ == "ChildFailedError":
-            return 1
-        raise
+        launch_command(launch_command_parser().parse_args(launch_args))
+    except KeyboardInterrupt:
+        print(interrupted_message(output_dir), file=sys.stderr)
+        return 130
+    except Exception as error:  # torchrun's ChildFailedError and SignalException
+        name = type(error).__name__
+        if name == "SignalException":
+            print(interrupted_message(output_dir), file=sys.stderr)
+            return 128 + int(getattr(error, "sigval", signal.SIGINT))
+        if name != "ChildFailedError":
+            raise
+        codes = {failure.exitcode for failure in getattr(error, "failures", {}).values()}
+        if codes == {2}:  # a user error, already printed by the training process (rank 0)
+            return 2
+        print(failure_message(error, output_dir), file=sys.stderr)
+        return 1
     return 0
+
+
+def _last_checkpoint_text(output_dir: str | None) -> str:
+    from trl_nca.checkpoints import newest_intact_checkpoint
+
+    checkpoint = newest_intact_checkpoint(output_dir) if output_dir else None
+    if checkpoint is None:
+        return f"no checkpoint in {output_dir} to resume from"
+    command = os.environ.get(COMMAND_ENV, "trl-nca train RECIPE")
+    if "--resume_from_checkpoint" not in command:
+        command += " --resume_from_checkpoint last"
+    return f"last checkpoint: {checkpoint}; resume with: {command}"
+
+
+def interrupted_message(output_dir: str | None) -> str:
+    """The one line printed when a run is interrupted: where the last checkpoint is and how to resume."""
+    return f"trl-nca train: interrupted; {_last_checkpoint_text(output_dir)}"
+
+
+def failure_message(error: Exception, output_dir: str | None) -> str:
+    """One line for a training process that died (killed, out of memory, ...), from torchrun's ChildFailedError: the
+    first process that failed (the others are stopped after it)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        rank, failure = error.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        what = f"training process rank {rank} (pid {failure.pid}) {how}"
+    else:
+        what = f"a training process failed ({error})"
+    return f"trl-nca train: {what}; the run stopped; {_last_checkpoint_text(output_dir)}"
+
+
+def quiet_warnings() -> None:
+    """No FutureWarning/DeprecationWarning spam from TRL/transformers in the CLI processes (launcher and training
+    processes alike, via ``PYTHONWARNINGS``); a user's own ``PYTHONWARNINGS`` wins."""
+    import warnings
+
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _dispatch(module_name: str, argv: Sequence[str]) -> int:
@@ -185,7 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "train":
-        return train(rest)
+        quiet_warnings()
+        try:
+            return train(rest)
+        except UsageError as error:
+            print(f"trl-nca train: error: {error}", file=sys.stderr)
+            return 2
     if command == "demo":
         return _dispatch("trl_nca.demo.run", rest)
     if command == "plot":

@@ -34,6 +34,11 @@ TOKENIZED_COLUMNS = ("prompt_ids", "completion_ids", "rewards", "hard_labels")
 TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
 
 
+class DatasetError(ValueError):
+    """A dataset the trainers cannot use (empty, malformed row, nothing left after truncation); the message names the
+    dataset, the row and the column. The CLI prints it as one line."""
+
+
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
 
@@ -47,7 +52,7 @@ def first_row(dataset: Dataset | IterableDataset, dataset_name: str) -> dict:
     try:
         return next(iter(dataset))
     except StopIteration:
-        raise ValueError(
+        raise DatasetError(
             f"The {dataset_name} dataset is empty (0 rows). Pass a dataset with at least one row, or no "
             f"{dataset_name} dataset at all."
         ) from None
@@ -64,7 +69,7 @@ def row_format(example: dict) -> str:
         return "reward"
     if all(column in example for column in PREFERENCE_COLUMNS):
         return "preference"
-    raise ValueError(
+    raise DatasetError(
         f"Cannot tell the dataset format from its columns {sorted(example)}. trl-nca expects reward data "
         "(`prompt`, `completions`, `rewards`) or preference data (`prompt`/`chosen`/`rejected`, or `chosen`/"
         "`rejected` with an implicit prompt). To convert other layouts see `trl_nca.converters`."
@@ -75,32 +80,32 @@ def _check_text_or_messages(value: Any, column: str, index: int, conversational:
     where = f"row {index}, column `{column}`"
     if conversational:
         if not _is_messages(value):
-            raise ValueError(
+            raise DatasetError(
                 f"{where}: expected a list of chat messages ({{'role', 'content'}} dicts) like the prompt, got "
                 f"{_describe(value)}. A row cannot mix plain text and messages."
             )
         # Assistant turns that call tools may have no content (TRL's tool-calling format); every other turn needs it.
         if any(not isinstance(m.get("content"), (str, list)) and not _has_tool_calls(m) for m in value):
-            raise ValueError(
+            raise DatasetError(
                 f"{where}: every message needs a `content` string (or, for an assistant turn, `tool_calls`), got "
                 f"{_describe(value)}."
             )
         if role is not None and not any(m["role"] == role for m in value):
-            raise ValueError(
+            raise DatasetError(
                 f"{where}: a conversational completion needs an {role!r} turn, got roles {[m['role'] for m in value]}."
             )
         if role is not None and all(
             not m.get("content") and not _has_tool_calls(m) for m in value if m["role"] == role
         ):
-            raise ValueError(f"{where}: the {role!r} turn is empty.")
+            raise DatasetError(f"{where}: the {role!r} turn is empty.")
     else:
         if not isinstance(value, str):
-            raise ValueError(
+            raise DatasetError(
                 f"{where}: expected a string like the prompt, got {type(value).__name__} {_describe(value)}. A row "
                 "cannot mix plain text and messages."
             )
         if role is not None and value == "":
-            raise ValueError(f"{where}: the completion is empty.")
+            raise DatasetError(f"{where}: the completion is empty.")
 
 
 def validate_example(example: dict, index: int) -> None:
@@ -109,7 +114,7 @@ def validate_example(example: dict, index: int) -> None:
     if kind == "preference":
         for column in PREFERENCE_COLUMNS:
             if example.get(column) is None:
-                raise ValueError(f"row {index}, column `{column}`: missing value.")
+                raise DatasetError(f"row {index}, column `{column}`: missing value.")
         conversational = _is_messages(example["chosen"])
         if "prompt" in example:
             _check_text_or_messages(example["prompt"], "prompt", index, conversational, None)
@@ -117,31 +122,31 @@ def validate_example(example: dict, index: int) -> None:
             role = "assistant" if conversational and "prompt" in example else None
             _check_text_or_messages(example[column], column, index, conversational, role)
             if not conversational and "prompt" in example and example[column] == "":
-                raise ValueError(f"row {index}, column `{column}`: the completion is empty.")
+                raise DatasetError(f"row {index}, column `{column}`: the completion is empty.")
         return
 
     for column in REWARD_COLUMNS:
         if column not in example or example[column] is None:
-            raise ValueError(
+            raise DatasetError(
                 f"row {index}: missing column `{column}`. Reward data needs `prompt`, `completions` (list of "
                 "responses) and `rewards` (list of numbers, one per response)."
             )
     prompt, completions, rewards = example["prompt"], example["completions"], example["rewards"]
     conversational = _is_messages(prompt)
     if not conversational and not isinstance(prompt, str):
-        raise ValueError(
+        raise DatasetError(
             f"row {index}, column `prompt`: expected a string or a list of chat messages, got {_describe(prompt)}."
         )
     for column, value in (("completions", completions), ("rewards", rewards)):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"row {index}, column `{column}`: expected a list, got {type(value).__name__}.")
+            raise DatasetError(f"row {index}, column `{column}`: expected a list, got {type(value).__name__}.")
     if len(completions) != len(rewards):
-        raise ValueError(
+        raise DatasetError(
             f"row {index}: `completions` has {len(completions)} responses but `rewards` has {len(rewards)} values; "
             "they must match one to one."
         )
     if len(completions) < 2:
-        raise ValueError(
+        raise DatasetError(
             f"row {index}, column `completions`: expected at least 2 responses (K >= 2), got {len(completions)}."
         )
     for k, completion in enumerate(completions):
@@ -151,9 +156,9 @@ def validate_example(example: dict, index: int) -> None:
     for k, reward in enumerate(rewards):
         # bool counts as 1/0 (pass/fail verifiers); Arrow already casts bools mixed with floats that way.
         if not isinstance(reward, numbers.Real):
-            raise ValueError(f"row {index}, column `rewards[{k}]`: expected a number, got {_describe(reward)}.")
+            raise DatasetError(f"row {index}, column `rewards[{k}]`: expected a number, got {_describe(reward)}.")
         if not math.isfinite(reward):
-            raise ValueError(f"row {index}, column `rewards[{k}]`: expected a finite number, got {reward}.")
+            raise DatasetError(f"row {index}, column `rewards[{k}]`: expected a finite number, got {reward}.")
 
 
 def preference_to_kway(example: dict) -> dict:
@@ -229,7 +234,7 @@ def prepare_dataset(
     if "prompt_ids" in first and "completion_ids" in first:
         return dataset
     if "image" in first or "images" in first:
-        raise ValueError("Vision datasets (`image`/`images` columns) are not supported by the K-way trainers.")
+        raise DatasetError("Vision datasets (`image`/`images` columns) are not supported by the K-way trainers.")
     kind = row_format(first)
     map_kwargs: dict[str, Any] = {}
     is_map_style = isinstance(dataset, Dataset)
@@ -239,10 +244,10 @@ def prepare_dataset(
     def process(example: dict, index: int) -> dict:
         try:
             if row_format(example) != kind:
-                raise ValueError(f"row {index}: the dataset mixes reward rows and preference rows.")
+                raise DatasetError(f"row {index}: the dataset mixes reward rows and preference rows.")
             validate_example(example, index)
-        except ValueError as error:
-            raise ValueError(f"{dataset_name} dataset, {error}") from None
+        except DatasetError as error:
+            raise DatasetError(f"{dataset_name} dataset, {error}") from None
         if kind == "preference":
             example = preference_to_kway(example)
         return tokenize_example(example, processing_class, eos_token)
@@ -267,7 +272,7 @@ def prepare_dataset(
             # A stream is read up to its first kept row, which also validates the rows before it.
             is_empty = len(dataset) == 0 if is_map_style else next(iter(dataset), None) is None
             if is_empty:
-                raise ValueError(
+                raise DatasetError(
                     f"Every row of the {dataset_name} dataset was dropped: each prompt alone has >= "
                     f"max_length={max_length} tokens, so no response token would survive truncation. Raise "
                     "`max_length` (or set it to None) or shorten the prompts."

@@ -27,6 +27,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from . import losses
+from .callbacks import label_progress_bars
+from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForKWayReward
 from .config import InfoNCAConfig, NCAConfig, _RewardAlignmentConfig
 from .data import first_row, prepare_dataset
@@ -187,6 +189,18 @@ class _KWayRewardTrainer(DPOTrainer):
             optimizers=optimizers,
             quantization_config=quantization_config,
             peft_config=peft_config,
+        )
+        label_progress_bars(self, f"{self._name} training")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, with the checkpoint to resume from checked first: a truncated or corrupt checkpoint raises
+        a `CheckpointError` naming it and the newest intact checkpoint instead of failing inside the loader."""
+        resume_from_checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
         )
 
     # ------------------------------------------------------------------------------------------------ model card

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from trl_nca.data import DatasetError
+
 if TYPE_CHECKING:
     from datasets import DatasetDict, IterableDatasetDict
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -47,6 +49,15 @@ DATASET_FORMATS: dict[str, str | None] = {
     "ultrafeedback": "ultrafeedback_to_reward",
     "authors_reward": "authors_reward_to_reward",
     "authors_preference": "authors_preference_to_reward",
+}
+
+#: ``dataset_format`` -> the columns its rows must have (checked on the first row of each split before any conversion).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "reward": ("prompt", "completions", "rewards"),
+    "preference": ("chosen", "rejected"),
+    "ultrafeedback": ("instruction", "completions"),
+    "authors_reward": ("A0", "score_A0"),
+    "authors_preference": ("chosen", "rejected", "score_chosen", "score_rejected"),
 }
 
 #: Keys that only ``trl-nca train`` uses (to build the ``accelerate launch`` command); the script itself ignores them.
@@ -155,7 +166,9 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     elif "--config" in args:
         index = args.index("--config")
         if index + 1 >= len(args):
-            raise ValueError("Expected a path after `--config`.")
+            from trl_nca.cli import UsageError
+
+            raise UsageError("Expected a path after `--config`.")
         args[index + 1] = str(resolve_recipe(args[index + 1]))
     return args
 
@@ -168,12 +181,19 @@ def read_recipe(argv: Sequence[str]) -> dict[str, Any]:
     if "--config" not in args:
         return {}
     path = args[args.index("--config") + 1]
-    with open(path) as handle:
-        recipe = yaml.safe_load(handle)
+    try:
+        with open(path) as handle:
+            recipe = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        from trl_nca.cli import UsageError
+
+        raise UsageError(f"Recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if recipe is None:
         return {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"Recipe {path} must contain a YAML mapping, got {type(recipe).__name__}.")
+        from trl_nca.cli import UsageError
+
+        raise UsageError(f"Recipe {path} must contain a YAML mapping, got {type(recipe).__name__}.")
     return recipe
 
 
@@ -190,23 +210,64 @@ def peek_trainer(argv: Sequence[str]) -> str:
     else:
         name = read_recipe(args).get("trainer", "nca")
     if name not in TRAINERS:
-        raise ValueError(f"Unknown trainer {name!r}: choose one of {sorted(TRAINERS)}.")
+        from trl_nca.cli import UsageError, did_you_mean
+
+        raise UsageError(f"Unknown trainer {name!r}{did_you_mean(name, TRAINERS)}: choose one of {sorted(TRAINERS)}.")
     return name
 
 
-def make_parser(trainer: str = "nca", prog: str | None = None) -> TrlParser:
+class ScriptParser(TrlParser):
+    """`TrlParser` for the CLI: flags must be spelled out (no prefixes: ``--max_step`` is not ``--max_steps``) and a
+    parse error raises `trl_nca.cli.UsageError` (one line, exit status 2) instead of printing the whole usage."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        from trl_nca.cli import UsageError
+
+        raise UsageError(message)
+
+    def field_names(self) -> list[str]:
+        """Every recipe key: the dataclass fields."""
+        return [action.dest for action in self._actions if action.option_strings and action.dest != "help"]
+
+    def option_names(self) -> list[str]:
+        """Every flag, spelled out."""
+        return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+
+
+def make_parser(trainer: str = "nca", prog: str | None = None) -> ScriptParser:
     """``TrlParser`` over (`NCAScriptArguments`, the trainer's config class, `trl.ModelConfig`)."""
-    return TrlParser((NCAScriptArguments, get_config_class(trainer), ModelConfig), prog=prog)
+    return ScriptParser((NCAScriptArguments, get_config_class(trainer), ModelConfig), prog=prog)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[NCAScriptArguments, TrainingArguments, ModelConfig]:
     """Parse ``[CONFIG.yaml] [--flag value ...]`` into (script args, trainer config, model config).
 
-    Unknown YAML keys and unknown flags raise, so typos in a recipe fail before any model is loaded.
+    Unknown YAML keys, unknown flags and invalid values raise `trl_nca.cli.UsageError` (with the closest known key),
+    so typos in a recipe fail before any model is loaded.
     """
+    from trl_nca.cli import UsageError, did_you_mean
+
     args = normalize_argv(sys.argv[1:] if argv is None else argv)
     parser = make_parser(peek_trainer(args))
-    script_args, training_args, model_args = parser.parse_args_and_config(args)
+    try:
+        *parsed, unknown_keys, unknown_flags = parser.parse_args_and_config(
+            args, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except UsageError:
+        raise
+    except ValueError as error:  # the configs' own checks (e.g. alpha < 0) and a malformed recipe
+        raise UsageError(str(error)) from None
+    if unknown_keys:
+        key = unknown_keys[0].lstrip("-")
+        raise UsageError(f"unknown key `{key}` in the recipe{did_you_mean(key, parser.field_names())}.")
+    flags = [token for token in unknown_flags if token.startswith("-")] or unknown_flags
+    if flags:
+        name = flags[0].split("=", 1)[0]
+        raise UsageError(f"unknown flag `{name}`{did_you_mean(name, parser.option_names())}.")
+    script_args, training_args, model_args = parsed
     return script_args, training_args, model_args
 
 
@@ -227,20 +288,49 @@ def load_raw_datasets(script_args: NCAScriptArguments) -> DatasetDict | Iterable
         return loaded
     suffix = "".join(path.suffixes[-1:]).lower()
     if suffix in _DATA_FILE_BUILDERS and not path.is_dir():
-        if not glob.glob(name):
-            raise FileNotFoundError(f"No data file matches {name}.")
+        files = glob.glob(name)
+        if not files:
+            raise DatasetError(f"dataset_name: no data file matches {name}.")
+        _check_not_empty(files)
         loaded = load_dataset(
             _DATA_FILE_BUILDERS[suffix],
             data_files={script_args.dataset_train_split: name},
             streaming=script_args.dataset_streaming,
         )
     else:
+        if path.is_dir():
+            _check_not_empty([str(p) for p in path.rglob("*") if p.suffix.lower() in _DATA_FILE_BUILDERS])
         loaded = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
     if isinstance(loaded, (Dataset, IterableDataset)):
         loaded = (IterableDatasetDict if isinstance(loaded, IterableDataset) else DatasetDict)(
             {script_args.dataset_train_split: loaded}
         )
     return loaded
+
+
+def _check_not_empty(files: Sequence[str]) -> None:
+    """A `DatasetError` naming the first data file that holds no rows (0 bytes or only whitespace)."""
+    for file in files:
+        with open(file, "rb") as handle:
+            if not handle.read(4096).strip():
+                raise DatasetError(f"dataset_name: the data file {file} is empty (no rows).")
+
+
+def check_dataset_format(dataset: Any, dataset_format: str, split: str) -> None:
+    """A `DatasetError` when the first row of `split` lacks the columns of `dataset_format` (reward rows given as
+    ``preference``, raw UltraFeedback given as ``reward``, ...), naming the format the columns look like."""
+    from trl_nca.data import first_row
+
+    columns = set(first_row(dataset, split))
+    missing = [column for column in FORMAT_COLUMNS[dataset_format] if column not in columns]
+    if not missing:
+        return
+    matching = [fmt for fmt, needed in FORMAT_COLUMNS.items() if fmt != dataset_format and set(needed) <= columns]
+    hint = f"; the columns look like dataset_format: {matching[-1]}" if matching else ""
+    raise DatasetError(
+        f"dataset_format: {dataset_format} expects the columns {list(FORMAT_COLUMNS[dataset_format])}, but the "
+        f"{split} split has {sorted(columns)} (missing {missing}){hint}. Set `dataset_format` to match the data."
+    )
 
 
 def convert_dataset_format(dataset: Any, dataset_format: str, num_proc: int | None = None) -> Any:
@@ -394,6 +484,9 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
     with training_args.main_process_first(desc="loading and converting the dataset"):
         raw = load_raw_datasets(script_args)
         train_dataset, eval_dataset = _select_splits(raw, script_args, training_args)
+        check_dataset_format(train_dataset, script_args.dataset_format, script_args.dataset_train_split)
+        if eval_dataset is not None:
+            check_dataset_format(eval_dataset, script_args.dataset_format, script_args.dataset_test_split)
         num_proc = training_args.dataset_num_proc
         train_dataset = convert_dataset_format(train_dataset, script_args.dataset_format, num_proc)
         if eval_dataset is not None:
@@ -444,10 +537,62 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
     return trainer
 
 
-def run(argv: Sequence[str] | None = None) -> None:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and train."""
-    main(*parse_args(argv))
+def _watch_parent() -> None:
+    """Exit when the process that launched this one is gone (``trl-nca train`` killed): a daemon thread polls the
+    parent pid every second, so no orphan keeps training and writing checkpoints."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="trl-nca-watch-parent", daemon=True).start()
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _quiet_optional_imports(model_args: ModelConfig) -> None:
+    """bitsandbytes logs a warning on import on some CPUs (its optional CPU kernel is fetched from the Hub); peft
+    imports it whenever it is installed. Keep that line out of runs that do not quantize."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and train; returns the exit status.
+
+    A user error (command line, recipe, data, checkpoint) is printed as one line with status 2; an interruption
+    (Ctrl-C) prints where the last checkpoint is and the command that resumes, with status 130.
+    """
+    from trl_nca.checkpoints import CheckpointError
+    from trl_nca.cli import WATCH_PARENT_ENV, UsageError, interrupted_message, quiet_warnings
+
+    if os.environ.get(WATCH_PARENT_ENV) == "1":
+        _watch_parent()
+    quiet_warnings()
+    output_dir = None
+    try:
+        script_args, training_args, model_args = parse_args(argv)
+        output_dir = training_args.output_dir
+        _quiet_optional_imports(model_args)
+        main(script_args, training_args, model_args)
+    except (UsageError, DatasetError, CheckpointError) as error:
+        if _is_main_process():
+            print(f"trl-nca train: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Under a multi-process launch the launcher prints this line once for all processes.
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            print(interrupted_message(output_dir), file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(run())
