@@ -42,6 +42,21 @@ def _truncate(ids: list[int], mask: list[int], max_length: int | None, mode: str
     raise ValueError(f"Unknown truncation_mode {mode!r}: expected 'keep_start' or 'keep_end'.")
 
 
+def truncate_like_the_authors(
+    prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int
+) -> tuple[list[int], list[list[int]]]:
+    """The authors' truncation (TRL < 0.20's DPO rule with `truncation_mode="keep_end"`), for one prompt and its K
+    responses: if the prompt plus the longest response exceeds `max_length`, keep the prompt's last
+    `max_prompt_length` tokens; if still too long, keep the first `max_length - max_prompt_length` tokens of every
+    response. Every response shares the same (truncated) prompt."""
+    longest = max(len(completion) for completion in completions)
+    if len(prompt) + longest > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longest > max_length:
+        completions = [completion[: max_length - max_prompt_length] for completion in completions]
+    return prompt, completions
+
+
 @dataclass
 class DataCollatorForKWayReward:
     """Collate tokenized K-way rows (`prompt_ids`, `completion_ids`, `rewards`, optional `hard_labels`, `ref_logps`).
@@ -54,6 +69,8 @@ class DataCollatorForKWayReward:
         layout: `"padded"` (default) or `"shared_prompt"` (see the module docstring).
         sliding_window: with `"shared_prompt"`, the model's sliding attention window, baked into the 4D mask (a 4D
             mask replaces the model's own mask, window included). None = full attention.
+        max_prompt_length: when set (with `max_length`), the authors' truncation (`truncate_like_the_authors`)
+            replaces `truncation_mode`.
         return_tensors: only `"pt"` is supported.
 
     Example:
@@ -71,12 +88,20 @@ class DataCollatorForKWayReward:
     pad_to_multiple_of: int | None = None
     layout: str = "padded"
     sliding_window: int | None = None
+    max_prompt_length: int | None = None
     return_tensors: str = "pt"
 
     def __post_init__(self):
         if self.layout not in ("padded", "shared_prompt"):
             raise ValueError(f"Unknown layout {self.layout!r}: expected 'padded' or 'shared_prompt'.")
-        if self.layout == "shared_prompt" and self.max_length is not None and self.truncation_mode != "keep_start":
+        if self.max_prompt_length is not None and self.max_length is None:
+            raise ValueError("max_prompt_length needs max_length (the budget of prompt + response).")
+        if (
+            self.layout == "shared_prompt"
+            and self.max_length is not None
+            and self.max_prompt_length is None
+            and self.truncation_mode != "keep_start"
+        ):
             raise ValueError(
                 "The shared_prompt layout truncates responses only (`truncation_mode='keep_start'`): with "
                 "'keep_end' each response would keep a different part of the prompt. Use layout='padded'."
@@ -84,11 +109,19 @@ class DataCollatorForKWayReward:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.collate_targets(examples)
+        if self.max_prompt_length is not None:
+            examples = [self._truncate_like_the_authors(example) for example in examples]
         if self.layout == "shared_prompt":
             batch.update(self.collate_shared_prompt(examples))
         else:
             batch.update(self.collate_sequences(examples))
         return batch
+
+    def _truncate_like_the_authors(self, example: dict[str, Any]) -> dict[str, Any]:
+        prompt, completions = truncate_like_the_authors(
+            example["prompt_ids"], example["completion_ids"], self.max_length, self.max_prompt_length
+        )
+        return {**example, "prompt_ids": prompt, "completion_ids": completions}
 
     @staticmethod
     def collate_targets(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -40,6 +40,19 @@ class _RewardAlignmentConfig(DPOConfig):
             one padded prompt+response row per response (the prompt K times, the authors' layout). `"auto"` picks
             `"shared_prompt"` when the model supports it (sdpa or eager attention, no MoE router aux loss, no
             prompt-learning PEFT, `keep_start` truncation) and logs the reason once when it falls back to `"padded"`.
+        tie_break (`str`, *optional*, defaults to `"share"`):
+            How the target weights treat responses tied on the top reward. `"share"`: equal rewards get equal weight
+            (exactly `softmax(rewards / α)`; with α = 0 the tied best responses share the weight). `"first"`: the
+            authors' code (`score_A0 + 0.01` in their `nca_loss`): 0.01 is added to the first response's reward
+            before the softmax, so at small α a tie goes to the response listed first. Use it to reproduce their
+            runs; preference rows are unaffected.
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            The authors' truncation (TRL < 0.20's DPO rule, as in their code) instead of DPOConfig's per-sequence
+            `truncation_mode`: when a prompt plus its longest response exceeds `max_length`, the prompt keeps its last
+            `max_prompt_length` tokens, and if that is still too long every response keeps its first `max_length -
+            max_prompt_length` tokens. The prompt is cut the same way for all K responses, so rows whose prompt alone
+            exceeds `max_length` are kept (not dropped) and the shared-prompt layout stays available. Needs
+            `max_length`; the authors used 512 with `max_length=1024`.
         loss_type (`list[str]`):
             The trainer's own loss (`"nca"` for [`NCATrainer`], `"infonca"` for [`InfoNCATrainer`]), optionally with
             `"sft"` (negative log-likelihood of each prompt's best response, averaged over its tokens), combined
@@ -67,6 +80,22 @@ class _RewardAlignmentConfig(DPOConfig):
         },
     )
 
+    tie_break: str = field(
+        default="share",
+        metadata={
+            "help": "Ties on the top reward: 'share' (equal weight) or 'first' (the authors' +0.01 on the first "
+            "response's reward).",
+            "choices": ["share", "first"],
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "The authors' truncation: when prompt + longest response exceeds max_length, keep the prompt's "
+            "last max_prompt_length tokens, then cut each response to max_length - max_prompt_length."
+        },
+    )
+
     _own_loss: ClassVar[str] = ""  # the trainer's own loss name, set by the subclasses
 
     def __post_init__(self):
@@ -75,6 +104,16 @@ class _RewardAlignmentConfig(DPOConfig):
             raise ValueError(f"`alpha` (reward temperature) must be a finite number >= 0, got {self.alpha!r}.")
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"`beta` must be a finite number > 0, got {self.beta!r}.")
+        if self.tie_break not in ("share", "first"):
+            raise ValueError(f"`tie_break` must be 'share' or 'first', got {self.tie_break!r}.")
+        if self.max_prompt_length is not None:
+            if self.max_length is None:
+                raise ValueError("`max_prompt_length` needs `max_length` (the budget of prompt + response).")
+            if not 0 < self.max_prompt_length < self.max_length:
+                raise ValueError(
+                    f"`max_prompt_length` must be > 0 and < max_length={self.max_length}, got "
+                    f"{self.max_prompt_length}."
+                )
         if self.kway_layout not in ("auto", "shared_prompt", "padded"):
             raise ValueError(f"`kway_layout` must be 'auto', 'shared_prompt' or 'padded', got {self.kway_layout!r}.")
         allowed = {self._own_loss, "sft"}

@@ -222,12 +222,14 @@ def prepare_dataset(
     truncation_mode: str,
     num_proc: int | None = None,
     dataset_name: str = "train",
+    max_prompt_length: int | None = None,
 ) -> Dataset | IterableDataset:
     """Validate and tokenize a reward or preference dataset for the K-way trainers.
 
     Already tokenized datasets (with `prompt_ids` and `completion_ids`) are returned unchanged. With `max_length` and
     `keep_start` truncation, rows whose prompt alone fills `max_length` are dropped (they have no response token
-    left), with a warning that counts them. Errors name the dataset (`dataset_name`) and the row: an empty dataset, a
+    left), with a warning that counts them; with `max_prompt_length` (the authors' truncation, which cuts the prompt
+    instead) nothing is dropped. Errors name the dataset (`dataset_name`) and the row: an empty dataset, a
     malformed row, or a dataset left without rows by `max_length`.
     """
     first = first_row(dataset, dataset_name)
@@ -256,7 +258,7 @@ def prepare_dataset(
         if is_map_style:
             map_kwargs["desc"] = f"Validating and tokenizing {dataset_name} dataset"
         dataset = dataset.map(process, with_indices=True, **map_kwargs)
-        if max_length is not None and truncation_mode == "keep_start":
+        if max_length is not None and truncation_mode == "keep_start" and max_prompt_length is None:
             keep = lambda example: len(example["prompt_ids"]) < max_length  # noqa: E731
             if is_map_style:
                 n_before = len(dataset)

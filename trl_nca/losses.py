@@ -18,7 +18,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["infonca_loss", "model_rewards", "nca_loss", "target_weights", "weight_entropy"]
+__all__ = [
+    "AUTHORS_FIRST_RESPONSE_BONUS",
+    "favour_first_response",
+    "infonca_loss",
+    "model_rewards",
+    "nca_loss",
+    "target_weights",
+    "weight_entropy",
+]
+
+#: The authors' tie-break: `score_A0 + 0.01` before `softmax(scores / temperature_alpha)` (their `nca_loss`).
+AUTHORS_FIRST_RESPONSE_BONUS = 0.01
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -75,6 +86,20 @@ def target_weights(
     is_best = (masked == best) & mask
     hard = is_best.to(dtype) / is_best.sum(dim=-1, keepdim=True).to(dtype)
     return torch.where((alpha > 0).unsqueeze(-1), soft, hard)
+
+
+def favour_first_response(rewards: torch.Tensor, bonus: float = AUTHORS_FIRST_RESPONSE_BONUS) -> torch.Tensor:
+    """`rewards` with `bonus` added to each row's first response, the authors' tie-break.
+
+    Their code adds 0.01 to `A0` (the response listed first) before the softmax, so with UltraFeedback's scores a tie
+    on the top reward gives the first response all the weight at small alpha, where `target_weights` alone shares it
+    equally; at larger alpha it shifts the soft weights exactly as theirs. Hard-labelled preference rows (rewards
+    (1, 0)) are unchanged.
+    """
+    dtype = _compute_dtype(rewards)
+    bonus_row = torch.zeros(rewards.size(-1), dtype=dtype, device=rewards.device)
+    bonus_row[0] = bonus
+    return rewards.to(dtype) + bonus_row
 
 
 def model_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:

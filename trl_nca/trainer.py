@@ -70,7 +70,7 @@ def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tup
         reason = "the MoE router aux loss is computed per padded row (set router_aux_loss_coef=0 to share the prompt)"
     elif peft_type:
         reason = "prompt-learning PEFT prepends virtual tokens, which the shared-prompt positions do not account for"
-    elif args.max_length is not None and args.truncation_mode != "keep_start":
+    elif args.max_length is not None and args.truncation_mode != "keep_start" and args.max_prompt_length is None:
         reason = "truncation_mode='keep_end' would keep a different part of the prompt for each response"
     elif getattr(config, "is_encoder_decoder", False):
         reason = "encoder-decoder models are not supported by the shared-prompt layout"
@@ -174,6 +174,7 @@ class _KWayRewardTrainer(DPOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 layout=layout,
                 sliding_window=window,
+                max_prompt_length=args.max_prompt_length,
             )
         self.alpha = args.alpha
         super().__init__(
@@ -232,6 +233,15 @@ class _KWayRewardTrainer(DPOTrainer):
                 f"- responses per prompt K: {ks}",
                 f"- reference model: {reference}",
                 f"- forward layout: {layout}",
+                f"- ties on the top reward: {self.args.tie_break}"
+                + (" (the authors' +0.01 on the first response)" if self.args.tie_break == "first" else ""),
+                "- truncation: "
+                + (
+                    f"the authors' (prompt's last {self.args.max_prompt_length} tokens, then responses), "
+                    f"max_length {self.args.max_length}"
+                    if self.args.max_prompt_length is not None
+                    else f"{self.args.truncation_mode}, max_length {self.args.max_length}"
+                ),
                 f"- learning rate {self.args.learning_rate:g}, {self.args.num_train_epochs:g} epoch(s), global batch "
                 f"{global_batch} prompts",
                 "",
@@ -266,6 +276,7 @@ class _KWayRewardTrainer(DPOTrainer):
             truncation_mode=args.truncation_mode,
             num_proc=args.dataset_num_proc,
             dataset_name=dataset_name,
+            max_prompt_length=args.max_prompt_length,
         )
 
     def _set_signature_columns_if_needed(self):
@@ -431,6 +442,8 @@ class _KWayRewardTrainer(DPOTrainer):
         outputs, policy_logps = self._forward_logps(model, inputs, **model_kwargs)
         ref_logps = self._reference_logps(inputs).to(policy_logps.device)
         rewards, mask = inputs["rewards"], inputs["response_mask"]
+        if self.args.tie_break == "first":
+            rewards = losses.favour_first_response(rewards)
         alpha = torch.where(inputs["hard_labels"], 0.0, float(self.alpha)).to(rewards.device)
 
         loss = policy_logps.new_zeros((), dtype=torch.float32)
@@ -446,7 +459,7 @@ class _KWayRewardTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_metrics(mode, outputs, inputs, policy_logps.detach(), ref_logps, alpha)
+        self._log_metrics(mode, outputs, inputs, policy_logps.detach(), ref_logps, alpha, rewards)
         if mode == "eval":
             self._record_eval_loss(loss, rewards.size(0))
         if return_outputs:
@@ -468,7 +481,7 @@ class _KWayRewardTrainer(DPOTrainer):
         return -per_token[token_mask].mean()
 
     # ------------------------------------------------------------------------------------------------ metrics
-    def _log_metrics(self, mode, outputs, inputs, policy_logps, ref_logps, alpha) -> None:
+    def _log_metrics(self, mode, outputs, inputs, policy_logps, ref_logps, alpha, target_rewards) -> None:
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         mask, given = inputs["response_mask"], inputs["rewards"]
@@ -483,7 +496,7 @@ class _KWayRewardTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
         model_reward = losses.model_rewards(policy_logps, ref_logps, self.beta)
-        weights = losses.target_weights(given, alpha, mask)
+        weights = losses.target_weights(target_rewards, alpha, mask)
         metrics["target_weights/entropy"].append(gather(losses.weight_entropy(weights, mask)).mean().item())
 
         # Responses ranked by their given reward (rank 0 = best); ties keep the dataset order.

@@ -1,0 +1,180 @@
+"""Reproducing the authors' exact objective: their tie-break (`score_A0 + 0.01`) and their truncation rule.
+
+Oracles are the authors' code written out per example (thu-ml/Noise-Contrastive-Alignment@cbb9248): `nca_loss` in
+`reward_trainer.py` (soft labels `softmax([A0 + 0.01, A1, A2, A3] / temperature_alpha)`, NCA =
+`-mean(logsigmoid(-r)) - sum(w * logsigmoid(r))`) and `tokenize_batch_element` in `data_utils.py` (prompt keeps its
+last `max_prompt_length` tokens when prompt + longest response exceeds `max_length`, then every response keeps its
+first `max_length - max_prompt_length`).
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import cpu_args
+from datasets import Dataset
+from test_shared_prompt import _logps_loss_grads
+from test_trainer import reward_rows
+
+from trl_nca import DataCollatorForKWayReward, InfoNCAConfig, NCAConfig, NCATrainer
+from trl_nca.collator import truncate_like_the_authors
+from trl_nca.losses import favour_first_response, infonca_loss, nca_loss, target_weights
+
+
+def authors_soft_labels(scores: list[float], temperature_alpha: float) -> list[float]:
+    shifted = [(s + (0.01 if i == 0 else 0.0)) / temperature_alpha for i, s in enumerate(scores)]
+    top = max(shifted)
+    exps = [math.exp(s - top) for s in shifted]
+    return [e / sum(exps) for e in exps]
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+# ---------------------------------------------------------------------------------------------- tie-break
+@pytest.mark.parametrize("alpha", [1e-4, 0.5, 1.0, 3.0])
+def test_first_response_bonus_gives_the_authors_soft_labels(alpha):
+    scores = [[8.0, 8.0, 6.5, 3.0], [7.0, 9.0, 9.0, 1.0], [5.0, 5.0, 5.0, 5.0], [2.0, 6.0, 4.0, 6.0]]
+    weights = target_weights(favour_first_response(torch.tensor(scores)), alpha)
+    for row, expected in zip(weights.tolist(), [authors_soft_labels(s, alpha) for s in scores]):
+        assert row == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_ties_on_top_share_by_default_and_go_first_with_the_bonus():
+    rewards = torch.tensor([[8.0, 8.0, 6.5, 3.0], [1.0, 0.0, 0.0, 0.0]])
+    assert target_weights(rewards, 0.0)[0].tolist() == [0.5, 0.5, 0.0, 0.0]  # default: the tie is shared
+    assert target_weights(favour_first_response(rewards), 0.0)[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert target_weights(favour_first_response(rewards), 1e-4)[0, 0] > 0.9999  # the authors' alpha
+    # A hard-labelled preference row (1, 0) keeps its labels.
+    assert target_weights(favour_first_response(rewards), 0.0)[1].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_nca_and_infonca_with_the_bonus_equal_the_authors_formula_per_example():
+    generator = torch.Generator().manual_seed(0)
+    policy, ref = torch.randn(3, 4, generator=generator) * 5, torch.randn(3, 4, generator=generator) * 5
+    scores = [[8.0, 8.0, 6.5, 3.0], [7.0, 9.0, 9.0, 1.0], [6.0, 6.0, 6.0, 2.0]]
+    beta, alpha = 0.1, 0.5
+    rewards = favour_first_response(torch.tensor(scores))
+    nca = nca_loss(policy, ref, rewards, beta=beta, alpha=alpha).tolist()
+    infonca = infonca_loss(policy, ref, rewards, beta=beta, alpha=alpha).tolist()
+    for b, row in enumerate(scores):
+        w = authors_soft_labels(row, alpha)
+        r = [beta * (policy[b, i].item() - ref[b, i].item()) for i in range(4)]
+        expected_nca = -sum(log_sigmoid(-x) for x in r) / 4 - sum(wi * log_sigmoid(x) for wi, x in zip(w, r))
+        log_z = math.log(sum(math.exp(x) for x in r))
+        expected_infonca = -sum(wi * (x - log_z) for wi, x in zip(w, r))
+        assert nca[b] == pytest.approx(expected_nca, rel=1e-5)
+        assert infonca[b] == pytest.approx(expected_infonca, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- truncation
+TRUNCATION_CASES = [
+    # (prompt length, response lengths, max_length, max_prompt_length) -> (kept prompt slice, kept response lengths)
+    ("fits", 4, [3, 5], 12, 6, (slice(0, 4), [3, 5])),
+    ("long-prompt", 10, [2, 3], 12, 6, (slice(4, 10), [2, 3])),  # 10 + 3 > 12: prompt keeps its last 6
+    ("both-long", 10, [2, 9], 12, 6, (slice(4, 10), [2, 6])),  # still 6 + 9 > 12: responses keep 12 - 6
+    ("long-response", 3, [1, 11], 12, 6, (slice(0, 3), [1, 6])),  # the cut is max_length - max_prompt_length
+]
+
+
+@pytest.mark.parametrize("case", TRUNCATION_CASES, ids=[c[0] for c in TRUNCATION_CASES])
+def test_truncation_follows_the_authors_rule(case):
+    _, n_prompt, lengths, max_length, max_prompt, (prompt_slice, kept) = case
+    prompt = list(range(100, 100 + n_prompt))
+    completions = [list(range(200 + 20 * k, 200 + 20 * k + n)) for k, n in enumerate(lengths)]
+    new_prompt, new_completions = truncate_like_the_authors(prompt, completions, max_length, max_prompt)
+    assert new_prompt == prompt[prompt_slice]
+    assert new_completions == [c[:n] for c, n in zip(completions, kept)]
+
+
+def test_collator_applies_it_in_both_layouts():
+    example = {"prompt_ids": list(range(1, 11)), "completion_ids": [[21, 22], list(range(31, 40))], "rewards": [1, 0]}
+    padded = DataCollatorForKWayReward(pad_token_id=0, max_length=12, max_prompt_length=6)([example])
+    # Prompt keeps 5..10; responses keep their first 12 - 6 = 6 tokens.
+    assert padded["input_ids"].tolist() == [
+        [5, 6, 7, 8, 9, 10, 21, 22, 0, 0, 0, 0],
+        [5, 6, 7, 8, 9, 10, 31, 32, 33, 34, 35, 36],
+    ]
+    assert padded["completion_mask"].tolist() == [[0] * 6 + [1, 1] + [0] * 4, [0] * 6 + [1] * 6]
+    shared = DataCollatorForKWayReward(pad_token_id=0, max_length=12, max_prompt_length=6, layout="shared_prompt")
+    row = shared([example])["input_ids"][0].tolist()
+    assert row == [5, 6, 7, 8, 9] + [10, 21, 22] + [10, 31, 32, 33, 34, 35, 36]
+
+
+def test_shared_prompt_equals_padded_with_the_authors_truncation(tmp_path, tokenizer, make_model):
+    results = {}
+    for layout in ("padded", "shared_prompt"):
+        trainer = NCATrainer(
+            make_model(seed=0, initializer_range=0.1),
+            ref_model=make_model(seed=1),
+            args=cpu_args(
+                NCAConfig,
+                tmp_path / layout,
+                kway_layout=layout,
+                beta=0.5,
+                max_length=14,
+                max_prompt_length=9,
+                truncation_mode="keep_end",
+                tie_break="first",
+            ),  # fmt: skip
+            train_dataset=Dataset.from_list(reward_rows(n=4, k=4, ragged=True)),
+            processing_class=tokenizer,
+        )
+        assert trainer.data_collator.layout == layout  # keep_end does not force the padded layout here
+        results[layout] = _logps_loss_grads(trainer)
+    (lp_a, loss_a, grads_a), (lp_b, loss_b, grads_b) = results["padded"], results["shared_prompt"]
+    torch.testing.assert_close(lp_b, lp_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trainer_keeps_long_prompts_and_trains_with_both_options(tmp_path, tokenizer, make_model):
+    rows = reward_rows(n=4, k=4)
+    rows[0] = {**rows[0], "prompt": "one two three four five six seven eight nine ten " * 3}
+    trainer = NCATrainer(
+        make_model(),
+        ref_model=make_model(seed=1),
+        args=cpu_args(NCAConfig, tmp_path, max_length=16, max_prompt_length=8, tie_break="first", max_steps=2),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    assert len(trainer.train_dataset) == 4  # the long prompt is cut, not dropped
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert batch["padding_mask"].sum() <= 8 + 4 * (16 - 8)
+    trainer.train()
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+    trainer.create_model_card(model_name="m")
+    card = (tmp_path / "README.md").read_text()
+    assert "ties on the top reward: first" in card and "prompt's last 8 tokens" in card
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"max_prompt_length": 8, "max_length": None}, "`max_prompt_length` needs `max_length`"),
+        ({"max_prompt_length": 16, "max_length": 16}, "must be > 0 and < max_length=16"),
+        ({"tie_break": "last"}, "`tie_break` must be 'share' or 'first'"),
+    ],
+)
+def test_invalid_options_are_refused(tmp_path, overrides, message):
+    for config_cls in (NCAConfig, InfoNCAConfig):
+        with pytest.raises(ValueError, match=message):
+            cpu_args(config_cls, tmp_path, **overrides)
+
+
+def test_recipes_that_claim_the_authors_setting_use_both_options():
+    from pathlib import Path
+
+    import yaml
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    claimed = [
+        p for p in recipes.rglob("*.yaml") if "authors" in str(yaml.safe_load(p.read_text()).get("dataset_format"))
+    ]
+    assert len(claimed) >= 7
+    for path in claimed:
+        recipe = yaml.safe_load(path.read_text())
+        assert (recipe["max_length"], recipe["max_prompt_length"]) == (1024, 512), path
+        assert recipe.get("tie_break") == ("first" if recipe["dataset_format"] == "authors_reward" else None), path
