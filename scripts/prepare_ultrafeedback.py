@@ -3,7 +3,11 @@
 
 Reads local files only (nothing is downloaded), converts them to trl-nca's reward format with
 `trl_nca.converters.prepare_reward_dataset`, splits train/test and saves a `DatasetDict` with `save_to_disk`, plus
-`prepare_report.json`: rows and completions read, kept and dropped, each drop with its reason.
+`prepare_report.json`: rows and completions read, kept and dropped, each drop with its reason. The splits are named
+`train_prefs` / `test_prefs` (`--train-split`, `--test-split`), like the UltraFeedback sets on the Hub, so the output
+trains with the Mistral/Mixtral recipes by changing only `--dataset_name`::
+
+    trl-nca train recipes/mistral-7b/nca_reward_qlora.yaml --dataset_name data/uf_reward
 
 Examples::
 
@@ -14,7 +18,8 @@ Examples::
     python scripts/prepare_ultrafeedback.py --format authors_reward \\
         --input train_prefs.parquet --test-input test_prefs.parquet --output data/uf_reward_authors
 
-Load the result with `datasets.load_from_disk(DIR)`; `DIR["train"]` goes straight to `NCATrainer`/`InfoNCATrainer`.
+Load the result with `datasets.load_from_disk(DIR)`; `DIR["train_prefs"]` goes straight to `NCATrainer`/
+`InfoNCATrainer`.
 """
 
 from __future__ import annotations
@@ -107,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/test shuffle (default: 42).")
     parser.add_argument("--cache-dir", default=None, help="datasets cache directory for loading the files.")
     parser.add_argument("--output", required=True, help="directory for DatasetDict.save_to_disk and the report.")
+    parser.add_argument(
+        "--train-split", default="train_prefs", help="name of the train split (default: train_prefs, as the recipes)."
+    )
+    parser.add_argument(
+        "--test-split", default="test_prefs", help="name of the test split (default: test_prefs, as the recipes)."
+    )
     return parser
 
 
@@ -132,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         test, test_report = prepare_reward_dataset(load_files(args.test_input, args.cache_dir), **options)
         if len(train) and len(test):
             test = test.cast(train.features)
-        splits = DatasetDict(train=train, test=test)
+        splits = DatasetDict({args.train_split: train, args.test_split: test})
         report = {"train_source": report, "test_source": {"inputs": [str(p) for p in args.test_input], **test_report}}
     else:
-        splits = split_dataset(train, args.test_size, args.seed)
+        split = split_dataset(train, args.test_size, args.seed)
+        splits = DatasetDict({args.train_split: split["train"], args.test_split: split["test"]})
         report["test_size"] = args.test_size
         report["seed"] = args.seed
     report["splits"] = {name: len(split) for name, split in splits.items()}

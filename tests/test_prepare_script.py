@@ -62,15 +62,15 @@ def test_subprocess_report(subprocess_run):
         "over_k": 0,
         "in_dropped_rows": 6,
     }
-    assert report["splits"] == {"train": 5, "test": 2}  # ceil(0.25 * 7) = 2
+    assert report["splits"] == {"train_prefs": 5, "test_prefs": 2}  # ceil(0.25 * 7) = 2
     assert report["settings"]["score"] == "overall_score"
 
 
 def test_subprocess_saved_dataset(subprocess_run):
     out, _ = subprocess_run
     splits = load_from_disk(str(out))
-    assert set(splits) == {"train", "test"}
-    assert (len(splits["train"]), len(splits["test"])) == (5, 2)
+    assert set(splits) == {"train_prefs", "test_prefs"}
+    assert (len(splits["train_prefs"]), len(splits["test_prefs"])) == (5, 2)
     rows = {r["prompt"][0]["content"]: r for split in splits.values() for r in split}
     assert set(rows) == {
         "What is 2+2?",
@@ -97,11 +97,11 @@ def test_main_authors_reward_with_test_input(script, tmp_path, capsys):
     argv = ["--format", "authors_reward", "--input", fixture, "--test-input", fixture, "--output", str(out)]
     assert script.main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
     report = json.loads((out / "prepare_report.json").read_text())
-    assert report["splits"] == {"train": 4, "test": 4}
+    assert report["splits"] == {"train_prefs": 4, "test_prefs": 4}
     assert report["train_source"]["rows_dropped"] == {"too_few_completions": 1, "all_rewards_tied": 0}
     assert report["test_source"]["completions_dropped"]["missing_score"] == 4
     splits = load_from_disk(str(out))
-    assert splits["train"]["rewards"] == splits["test"]["rewards"]
+    assert splits["train_prefs"]["rewards"] == splits["test_prefs"]["rewards"]
     assert "saved" in capsys.readouterr().err
 
 
@@ -113,8 +113,8 @@ def test_main_exact_k_without_dedupe(script, tmp_path):
     # prompts with 4 usable responses once duplicates are kept: 2+2, haiku, sky, gravity, fruits
     assert report["rows_kept"] == 5
     assert report["k_counts"] == {"4": 5}
-    assert report["splits"] == {"train": 5, "test": 0}
-    train = load_from_disk(str(out))["train"]
+    assert report["splits"] == {"train_prefs": 5, "test_prefs": 0}
+    train = load_from_disk(str(out))["train_prefs"]
     assert isinstance(train[0]["prompt"], str)
     haiku = [r for r in train if r["prompt"] == "Write a haiku about rain."][0]
     assert haiku["rewards"] == [8.0, 7.0, 5.0, 2.0]
@@ -128,7 +128,7 @@ def test_main_authors_preference_scores(script, tmp_path):
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["rows_kept"] == 2
     assert report["completions_dropped"]["empty_response"] == 1
-    assert sorted(load_from_disk(str(out))["train"]["rewards"]) == [[7.0, 3.5], [8.0, 5.0]]
+    assert sorted(load_from_disk(str(out))["train_prefs"]["rewards"]) == [[7.0, 3.5], [8.0, 5.0]]
 
 
 def test_load_files_rejects_bad_inputs(script, tmp_path):
@@ -142,3 +142,33 @@ def test_load_files_rejects_bad_inputs(script, tmp_path):
     other.write_bytes(b"")
     with pytest.raises(ValueError, match="Mix"):
         script.load_files([str(FIXTURES / "authors_reward.jsonl"), str(other)])
+
+
+REWARD_RECIPES = sorted(
+    p for p in (ROOT / "recipes").glob("mi*/*.yaml") if "preference" not in p.stem
+)  # the GPU reward recipes (Mistral and Mixtral)
+TRAINED = {"mistral-7b/nca_reward_qlora.yaml", "mixtral-8x7b/nca_reward_lora.yaml"}
+
+
+@pytest.mark.parametrize("recipe", REWARD_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_output_trains_with_the_recipes_changing_only_dataset_name(subprocess_run, tmp_path_factory, recipe):
+    """`--dataset_name OUT` is the only data flag; the rest are the CPU stand-ins every recipe test uses (a tiny model
+    of the recipe's architecture, fp32, a temporary output folder, a step or two)."""
+    import yaml
+    from recipe_data import save_model
+
+    from trl_nca.scripts.train import load_raw_datasets, main, parse_args
+
+    out, _ = subprocess_run
+    architecture = "mixtral" if "mixtral" in recipe.parent.name else "mistral"
+    model = save_model(tmp_path_factory.mktemp(architecture) / "model", architecture, num_hidden_layers=1)
+    run_dir = tmp_path_factory.mktemp("run")
+    argv = [str(recipe), "--dataset_name", str(out), "--model_name_or_path", model, "--output_dir", str(run_dir),
+            "--max_steps", "1", "--bf16", "false", "--dtype", "float32", "--report_to", "none"]  # fmt: skip
+    script_args, training_args, model_args = parse_args(argv)
+    assert yaml.safe_load(recipe.read_text())["dataset_name"] != str(out)  # the recipe names the Hub set
+    raw = load_raw_datasets(script_args)
+    assert {script_args.dataset_train_split, script_args.dataset_test_split} <= set(raw)
+    if f"{recipe.parent.name}/{recipe.name}" in TRAINED:
+        trainer = main(script_args, training_args, model_args)
+        assert trainer.state.global_step == 1 and len(trainer.train_dataset) == 5

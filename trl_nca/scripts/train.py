@@ -316,15 +316,28 @@ def _check_not_empty(files: Sequence[str]) -> None:
                 raise DatasetError(f"dataset_name: the data file {file} is empty (no rows).")
 
 
-def check_dataset_format(dataset: Any, dataset_format: str, split: str) -> None:
-    """A `DatasetError` when the first row of `split` lacks the columns of `dataset_format` (reward rows given as
-    ``preference``, raw UltraFeedback given as ``reward``, ...), naming the format the columns look like."""
+def check_dataset_format(dataset: Any, dataset_format: str, split: str) -> str:
+    """The format to read `split` with: `dataset_format` when its first row has that format's columns.
+
+    Rows already in the reward format are read as such under a converter format (``ultrafeedback``, ``authors_*``),
+    so data written by ``scripts/prepare_ultrafeedback.py`` trains with the recipes by changing only
+    ``dataset_name`` (logged). Any other mismatch (reward rows given as ``preference``, raw UltraFeedback given as
+    ``reward``, ...) is a `DatasetError` naming the format the columns look like.
+    """
     from trl_nca.data import first_row
 
-    columns = set(first_row(dataset, split))
+    columns = set(first_row(dataset, f"{split} split"))
+    if set(FORMAT_COLUMNS[dataset_format]) <= columns:
+        return dataset_format
+    if DATASET_FORMATS[dataset_format] is not None and set(FORMAT_COLUMNS["reward"]) <= columns:
+        logger.warning(
+            "The %s split is already in the reward format (prompt, completions, rewards): reading it as "
+            "dataset_format: reward instead of converting it from %s.",
+            split,
+            dataset_format,
+        )
+        return "reward"
     missing = [column for column in FORMAT_COLUMNS[dataset_format] if column not in columns]
-    if not missing:
-        return
     matching = [fmt for fmt, needed in FORMAT_COLUMNS.items() if fmt != dataset_format and set(needed) <= columns]
     hint = f"; the columns look like dataset_format: {matching[-1]}" if matching else ""
     raise DatasetError(
@@ -484,13 +497,13 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
     with training_args.main_process_first(desc="loading and converting the dataset"):
         raw = load_raw_datasets(script_args)
         train_dataset, eval_dataset = _select_splits(raw, script_args, training_args)
-        check_dataset_format(train_dataset, script_args.dataset_format, script_args.dataset_train_split)
-        if eval_dataset is not None:
-            check_dataset_format(eval_dataset, script_args.dataset_format, script_args.dataset_test_split)
         num_proc = training_args.dataset_num_proc
-        train_dataset = convert_dataset_format(train_dataset, script_args.dataset_format, num_proc)
+        fmt = script_args.dataset_format
+        train_format = check_dataset_format(train_dataset, fmt, script_args.dataset_train_split)
+        train_dataset = convert_dataset_format(train_dataset, train_format, num_proc)
         if eval_dataset is not None:
-            eval_dataset = convert_dataset_format(eval_dataset, script_args.dataset_format, num_proc)
+            eval_format = check_dataset_format(eval_dataset, fmt, script_args.dataset_test_split)
+            eval_dataset = convert_dataset_format(eval_dataset, eval_format, num_proc)
 
     trainer_cls = get_trainer_class(script_args.trainer)
     trainer = trainer_cls(
