@@ -328,3 +328,27 @@ def test_checkpoint_state_file_is_what_resume_reads(checkpoints):
     """The checkpoints this module damages are real Trainer checkpoints (guards the fixture)."""
     state = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and (checkpoints / "checkpoint-3" / "model.safetensors").is_file()
+
+
+def test_trainers_and_demo_label_their_progress_bars(tmp_path, tokenizer, make_model, monkeypatch):
+    """Every bar says what it is: the trainer's own (API users too), and its evaluation bar."""
+    from types import SimpleNamespace
+
+    from transformers import ProgressCallback, TrainerState
+
+    from trl_nca import InfoNCAConfig, InfoNCATrainer, callbacks
+
+    trainer = InfoNCATrainer(
+        make_model(),
+        ref_model=make_model(seed=1),
+        args=cpu_args(InfoNCAConfig, tmp_path, disable_tqdm=False),
+        train_dataset=Dataset.from_list(reward_rows(n=2)),
+        processing_class=tokenizer,
+    )
+    bars = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)]
+    assert len(bars) == 1 and isinstance(bars[0], callbacks.LabelledProgressCallback)
+    made = []
+    monkeypatch.setattr(callbacks, "tqdm", lambda **kwargs: made.append(kwargs) or SimpleNamespace(update=lambda n: None))
+    bars[0].on_train_begin(trainer.args, TrainerState(max_steps=3), None)
+    bars[0].on_prediction_step(trainer.args, TrainerState(), None, eval_dataloader=[1, 2])
+    assert [bar["desc"] for bar in made] == ["InfoNCA training", "Evaluating"] and made[0]["total"] == 3

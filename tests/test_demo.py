@@ -153,7 +153,7 @@ def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
     assert "held-out reward" in capsys.readouterr().out
     assert torch.get_num_threads() == threads  # the CLI restores what it changed
 
-    metrics = json.loads((first / "metrics.json").read_text())
+    metrics = json.loads((first / "nca" / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     assert metrics["trainer"] == "nca" and metrics["seed"] == 0 and metrics["K"] == 4
     for key in ("reward_before", "reward_after"):
@@ -174,13 +174,13 @@ def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
                 assert reward == sort_reward(row["prompt"][0]["content"], completion[0]["content"])
 
     # the likelihood figure and the probe behind it
-    assert (first / "likelihood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (first / "nca" / "likelihood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     steps = [h["step"] for h in metrics["likelihood"]]
     assert steps[0] == 0 and steps[-1] == P.PRESETS["tiny"].align_steps and steps == sorted(steps)
     assert all(len(h["logps_by_rank"]) == 4 for h in metrics["likelihood"])
     # NCA logs per-rank metrics itself
     assert any("logps/rank_0" in entry for entry in metrics["log_history"])
-    report = (first / "report.md").read_text()
+    report = (first / "nca" / "report.md").read_text()
     assert "likelihood.png" in report and f"{metrics['reward_after']:.3f}" in report
 
     # determinism: same seed, fresh directory -> same numbers
@@ -198,6 +198,9 @@ def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
     assert any("reusing the cached" in line for line in logs)
     assert dpo["trainer"] == "dpo" and dpo["reward_before"] == metrics["reward_before"]
     assert "sft_s" not in dpo["timings"]
+    # ... and writes its results beside NCA's, which stay as they were.
+    assert json.loads((first / "dpo" / "metrics.json").read_text())["trainer"] == "dpo"
+    assert json.loads((first / "nca" / "metrics.json").read_text()) == metrics
 
 
 def test_demo_rejects_unknown_choices(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
 from transformers import ProgressCallback, Trainer
+from transformers.trainer_utils import has_length
 
 
 class LabelledProgressCallback(ProgressCallback):
@@ -14,15 +16,17 @@ class LabelledProgressCallback(ProgressCallback):
         self.label = label
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.training_bar is not None:
-            self.training_bar.set_description(self.label)
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=self.label)
+        self.current_step = 0
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        new_bar = self.prediction_bar is None
-        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
-        if new_bar and self.prediction_bar is not None:
-            self.prediction_bar.set_description("Evaluating")
+        if state.is_world_process_zero and has_length(eval_dataloader):
+            if self.prediction_bar is None:
+                self.prediction_bar = tqdm(
+                    total=len(eval_dataloader), leave=self.training_bar is None, dynamic_ncols=True, desc="Evaluating"
+                )
+            self.prediction_bar.update(1)
 
 
 def label_progress_bars(trainer: Trainer, label: str) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from trl_nca.callbacks import LabelledProgressCallback
 from trl_nca.demo.task import (
     demonstrate,
     format_prompt,
@@ -143,18 +144,18 @@ DEFAULT_HPARAMS: dict[str, dict[str, AlignHParams]] = {
 }
 
 
-class _BarOnlyProgress(ProgressCallback):
-    """transformers' progress bar without the dump of every logged metrics dict (metrics stay in `log_history`)."""
+class _BarOnlyProgress(LabelledProgressCallback):
+    """A labelled progress bar without the dump of every logged metrics dict (metrics stay in `log_history`)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
         return None
 
 
-def quiet_logs(trainer: Any) -> None:
-    """Keep a trainer's progress bar (if any) but stop it from printing each logged metrics dict."""
+def quiet_logs(trainer: Any, label: str) -> None:
+    """Keep a trainer's progress bar (if any), labelled, but stop it from printing each logged metrics dict."""
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_BarOnlyProgress)
+        trainer.add_callback(_BarOnlyProgress(label))
 
 
 def set_seed(seed: int) -> None:
@@ -259,7 +260,7 @@ def train_sft(
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(demo_rows), processing_class=tokenizer
     )
-    quiet_logs(trainer)
+    quiet_logs(trainer, "SFT warm start")
     trainer.train()
     model = trainer.model.eval()
     model.save_pretrained(output_dir)
@@ -556,7 +557,7 @@ def align(
         processing_class=tokenizer,
         callbacks=[probe] if probe is not None else None,
     )
-    quiet_logs(trainer)
+    quiet_logs(trainer, f"{METHOD_LABELS[method]} alignment")
     trainer.train()
     wall = time.perf_counter() - start
     return AlignResult(

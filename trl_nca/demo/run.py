@@ -6,7 +6,8 @@
 Stages: tokenizer + Mistral-architecture model built in code → SFT warm start (`trl.SFTTrainer`) on imperfect
 demonstrations of digit sorting → K=4 samples per training prompt scored by the ground-truth reward (DIR/reward_data)
 → alignment (`NCATrainer` by default, `InfoNCATrainer`, or `trl.DPOTrainer` on best-vs-worst pairs) → held-out
-evaluation before/after. Writes DIR/metrics.json, DIR/report.md and DIR/likelihood.png.
+evaluation before/after. Writes DIR/TRAINER/metrics.json, report.md and likelihood.png (one folder per trainer, so
+runs of other trainers in the same DIR, which reuse its cached SFT model and reward data, never overwrite them).
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def run_demo(
     show_progress: bool = True,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Run the demo end to end and write `metrics.json`, `report.md`, `likelihood.png` and `reward_data/` to
-    `output_dir`. Returns the metrics dict. The SFT model and reward data are cached in `output_dir` (keyed on size
-    and seed), so re-running with another `trainer` skips stages 1-3."""
+    """Run the demo end to end and write `metrics.json`, `report.md` and `likelihood.png` to `output_dir/trainer/`.
+    Returns the metrics dict. The SFT model and reward data (`reward_data/`) are cached in `output_dir` (keyed on size
+    and seed), so re-running with another `trainer` skips stages 1-3 and writes its results beside the first's."""
     from trl_nca.demo import pipeline as P
     from trl_nca.demo.report import plot_likelihood, write_demo_report
 
@@ -170,15 +171,22 @@ def run_demo(
         "after": after,
         "timings": timings,
     }
+    results_dir = results_folder(output_dir, trainer)
+    results_dir.mkdir(parents=True, exist_ok=True)
     plot_likelihood(
         result.likelihood,
-        output_dir / "likelihood.png",
+        results_dir / "likelihood.png",
         f"{P.METHOD_LABELS[trainer]}: held-out responses by reward rank (seed {seed})",
     )
     metrics["wall_s"] = time.perf_counter() - start
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_demo_report(metrics, output_dir / "report.md")
+    (results_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_demo_report(metrics, results_dir / "report.md")
     return metrics
+
+
+def results_folder(output_dir: str | Path, trainer: str) -> Path:
+    """Where a demo run of `trainer` writes its results: `output_dir/trainer`."""
+    return Path(output_dir) / trainer
 
 
 def summary_text(metrics: dict[str, Any], output_dir: str | Path) -> str:
@@ -187,6 +195,7 @@ def summary_text(metrics: dict[str, Any], output_dir: str | Path) -> str:
 
     ranks = ", ".join(f"{x:+.2f}" for x in metrics["rank_logp_change"])
     acc = metrics["ranking_accuracy"]
+    report = results_folder(output_dir, metrics["trainer"]) / "report.md"
     return "\n".join(
         [
             "",
@@ -197,8 +206,7 @@ def summary_text(metrics: dict[str, Any], output_dir: str | Path) -> str:
             f"  Δ log-likelihood of the best held-out response vs SFT: {metrics['best_logp_change']:+.2f} nats "
             f"(by rank, best..worst: {ranks})",
             f"  ranking accuracy of the implicit reward: {'n/a' if acc is None else f'{acc:.3f}'}",
-            f"  wall time {metrics['wall_s']:.0f} s; wrote {Path(output_dir) / 'report.md'}, metrics.json, "
-            "likelihood.png",
+            f"  wall time {metrics['wall_s']:.0f} s; wrote {report}, metrics.json, likelihood.png",
         ]
     )
 
