@@ -157,3 +157,14 @@ def test_interleaved_subprocess_workers(benchmark, tmp_path):
         assert row["wall_step_s_median"] >= 0
     assert result["ratios"]["padded_over_shared_step"] > 0
     assert result["ratios"]["trl_dpo_over_shared_per_epoch"] is None  # not run
+
+
+def test_cpu_threads_script_times_fresh_processes(tmp_path, capsys):
+    """scripts/cpu_threads.py (the README's thread-count numbers): one run per setting, written and printed."""
+
+    script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "cpu_threads.py")
+    out = tmp_path / "threads.json"
+    assert script.main(["--threads", "1", "--repeats", "1", "--steps", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["steps"] == 1 and len(results["seconds"]["1"]) == 1 and results["seconds"]["1"][0] > 0
+    assert "1 thread(s): median" in capsys.readouterr().out

@@ -53,16 +53,49 @@ USAGE_ERRORS = [
     ("bad-choice", ["--dataset_format", "rewards"], r"argument --dataset_format.*invalid choice: 'rewards'"),
     ("bad-accelerate-config", ["--accelerate_config", "zero33"], r"Accelerate config zero33 .*\(did you mean `zero3`\?\)"),
     ("stray-argument", ["extra"], r"unknown argument `extra`"),
+    ("bad-accelerate-value", ["--main_process_port", "abc"], r"argument --main_process_port.*invalid int value: 'abc'"),
+    ("bad-accelerate-choice", ["--mixed_precision", "fp9"], r"argument --mixed_precision.*invalid choice: 'fp9'"),
 ]  # fmt: skip
 
 
+@pytest.fixture
+def no_exec(monkeypatch):
+    """The launcher checks run in this process: starting the training script (exec) would replace pytest."""
+
+    def refuse(*args):
+        raise AssertionError(f"the launcher started the training script: {args[1]}")
+
+    monkeypatch.setattr(os, "execvpe", refuse)
+
+
 @pytest.mark.parametrize("name,flags,message", USAGE_ERRORS, ids=[case[0] for case in USAGE_ERRORS])
-def test_launcher_user_errors_are_one_line_exit_2(capsys, name, flags, message):
+def test_launcher_user_errors_are_one_line_exit_2(capsys, no_exec, name, flags, message):
     assert cli_main(["train", str(TINY / "nca_reward.yaml"), *flags]) == 2
     assert re.search(message, _one_error_line(capsys))
 
 
-def test_recipe_errors_are_one_line_exit_2(capsys, tmp_path):
+def test_accelerate_config_errors_are_one_line_exit_2(capsys, no_exec, tmp_path):
+    not_a_mapping = tmp_path / "words.yaml"
+    not_a_mapping.write_text("just some words\n")
+    unknown_key = tmp_path / "typo.yaml"
+    unknown_key.write_text(
+        (REPO / "recipes" / "accelerate_configs" / "cpu_ddp.yaml").read_text() + "num_proceses: 2\n"
+    )
+    cases = [
+        (not_a_mapping, r"accelerate config .*words.yaml cannot be read: .*mapping"),
+        (unknown_key, r"accelerate config .*typo.yaml cannot be read: .*unknown keys \(\['num_proceses'\]\)"),
+    ]
+    for config, message in cases:
+        assert cli_main(["train", str(TINY / "nca_reward.yaml"), "--accelerate_config", str(config)]) == 2
+        assert re.search(message, _one_error_line(capsys)), config
+
+
+def test_train_without_a_recipe_or_flags_prints_its_usage(capsys, no_exec):
+    assert cli_main(["train"]) == 2
+    assert re.search(r"no recipe given: usage: trl-nca train RECIPE \[--flag value \.\.\.\]", _one_error_line(capsys))
+
+
+def test_recipe_errors_are_one_line_exit_2(capsys, no_exec, tmp_path):
     typo = tmp_path / "typo.yaml"
     typo.write_text((TINY / "nca_reward.yaml").read_text() + "\nbeta_typo: 0.1\n")
     not_yaml = tmp_path / "broken.yaml"
@@ -96,10 +129,38 @@ def test_training_script_user_errors_are_one_line_exit_2(capsys, assets, tmp_pat
          r"the columns look like dataset_format: reward"),
         (["--dataset_name", str(tmp_path / "pairs.jsonl"), "--dataset_format", "reward"],
          r"dataset_format: reward expects .* the columns look like dataset_format: preference"),
+        (["--dataset_name", assets["data"], "--model_name_or_path", str(tmp_path / "no_model")],
+         r"model_name_or_path: the folder .*no_model does not exist"),
+        (["--dataset_name", assets["data"], "--dataset_train_split", "trian"],
+         r"dataset_train_split: .* has no split 'trian' \(did you mean `train`\?\); it has \['test', 'train'\]"),
+        (["--dataset_name", assets["data"], "--resume_from_checkpoint", str(tmp_path / "checkpoint-9")],
+         r"Cannot resume from .*checkpoint-9: .*is not a folder"),
     ]  # fmt: skip
     for flags, message in cases:
         assert script_run([*base, *flags]) == 2, flags
         assert re.search(message, _one_error_line(capsys)), flags
+
+
+def test_a_corrupt_checkpoint_stops_the_script_before_any_model_load(
+    capsys, assets, checkpoints, tmp_path, monkeypatch
+):
+    from trl_nca.scripts import train as script
+
+    out = _copy(checkpoints, tmp_path / "run")
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{")
+
+    def no_model(name):
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(script, "get_trainer_class", no_model)
+    argv = [str(TINY / "nca_reward.yaml"), "--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
+            "--output_dir", str(out), "--resume_from_checkpoint", "last"]  # fmt: skip
+    assert script_run(argv) == 2
+    assert re.search(
+        r"Cannot resume from .*checkpoint-3: trainer_state.json is not valid JSON; the newest intact checkpoint is "
+        r".*checkpoint-2: resume with --resume_from_checkpoint .*checkpoint-2",
+        _one_error_line(capsys),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -348,7 +409,9 @@ def test_trainers_and_demo_label_their_progress_bars(tmp_path, tokenizer, make_m
     bars = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)]
     assert len(bars) == 1 and isinstance(bars[0], callbacks.LabelledProgressCallback)
     made = []
-    monkeypatch.setattr(callbacks, "tqdm", lambda **kwargs: made.append(kwargs) or SimpleNamespace(update=lambda n: None))
+    monkeypatch.setattr(
+        callbacks, "tqdm", lambda **kwargs: made.append(kwargs) or SimpleNamespace(update=lambda n: None)
+    )
     bars[0].on_train_begin(trainer.args, TrainerState(max_steps=3), None)
     bars[0].on_prediction_step(trainer.args, TrainerState(), None, eval_dataloader=[1, 2])
     assert [bar["desc"] for bar in made] == ["InfoNCA training", "Evaluating"] and made[0]["total"] == 3
