@@ -276,7 +276,9 @@ def test_a_training_run_prints_no_warning_spam_and_labelled_bars(assets, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- signals
-def _start(assets, out: Path, recipe: str = "nca_reward.yaml", *extra: str) -> subprocess.Popen:
+def _start(assets, out: Path, recipe: str = "nca_reward.yaml") -> subprocess.Popen:
+    """`trl-nca train` of a slow tiny run (checkpoint every 2 steps), returned once its first checkpoint exists."""
+    extra = ["--main_process_port", str(_free_port())] if "ddp" in recipe else []
     command = [*_trl_nca(), "train", str(TINY / recipe), "--model_name_or_path", assets["model"],
                "--dataset_name", assets["data"], "--output_dir", str(out), "--max_steps", "400",
                "--save_strategy", "steps", "--save_steps", "2", "--callbacks", "distributed_probes:SlowSteps", *extra]  # fmt: skip
@@ -322,8 +324,7 @@ def _kill_tree(out: Path) -> None:
 @pytest.mark.parametrize("recipe", ["nca_reward.yaml", "nca_reward_ddp_cpu.yaml"], ids=["1-process", "2-process-ddp"])
 def test_sigkill_of_the_launcher_stops_training(assets, tmp_path, recipe):
     out = tmp_path / "out"
-    extra = ["--main_process_port", str(_free_port())] if "ddp" in recipe else []
-    process = _start(assets, out, recipe, *extra)
+    process = _start(assets, out, recipe)
     try:
         assert len(_training_pids(out)) == (1 if "ddp" not in recipe else 3)  # no launcher left in a 1-process run
         process.kill()  # SIGKILL: the launcher cannot clean up
@@ -340,8 +341,7 @@ def test_sigkill_of_the_launcher_stops_training(assets, tmp_path, recipe):
 @pytest.mark.parametrize("recipe", ["nca_reward.yaml", "nca_reward_ddp_cpu.yaml"], ids=["1-process", "2-process-ddp"])
 def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_and_resume_command(assets, tmp_path, recipe):
     out = tmp_path / "out"
-    extra = ["--main_process_port", str(_free_port())] if "ddp" in recipe else []
-    process = _start(assets, out, recipe, *extra)
+    process = _start(assets, out, recipe)
     try:
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
         _, err = process.communicate(timeout=60)
@@ -360,7 +360,7 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_and_resume_command(ass
 @pytest.mark.slow
 def test_a_killed_training_process_fails_the_launcher_with_a_message(assets, tmp_path):
     out = tmp_path / "out"
-    process = _start(assets, out, "nca_reward_ddp_cpu.yaml", "--main_process_port", str(_free_port()))
+    process = _start(assets, out, "nca_reward_ddp_cpu.yaml")
     try:
         workers = [pid for pid in _training_pids(out) if pid != process.pid]
         assert len(workers) == 2
