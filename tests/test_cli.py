@@ -247,6 +247,25 @@ def test_bitsandbytes_import_warning_is_kept_out_of_unquantized_runs():
     assert not bnb_logger.isEnabledFor(logging.WARNING)
 
 
+def test_cli_hides_library_deprecations_but_not_the_users_own(monkeypatch):
+    import warnings
+
+    from trl_nca.cli import quiet_warnings
+
+    def shown(warnoptions: list[str]) -> list[str]:
+        monkeypatch.setattr(sys, "warnoptions", warnoptions)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_warnings()
+            for module in ("transformers.training_args", "trl.models.utils", "torch.jit._script", "my_callbacks"):
+                for category in (FutureWarning, DeprecationWarning):
+                    warnings.warn_explicit(module, category, "file.py", 1, module=module)
+        return sorted({str(warning.message) for warning in caught})
+
+    assert shown([]) == ["my_callbacks"]  # a `--callbacks` module of the user's
+    assert len(shown(["default"])) == 4  # -W / PYTHONWARNINGS: the user asked to see them
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

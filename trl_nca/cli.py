@@ -128,13 +128,24 @@ def _remove_subsequence(tokens: Sequence[str], subsequence: Sequence[str]) -> li
     return kept
 
 
-def _accelerate_options() -> dict[str, bool]:
-    """``accelerate launch``'s option strings, each mapped to whether it takes a value."""
+def _launch_parser():
+    """``accelerate launch``'s parser, with a parse error raised as a `UsageError` (one line) instead of its usage."""
     from accelerate.commands.launch import launch_command_parser
 
+    parser = launch_command_parser()
+
+    def error(message: str):
+        raise UsageError(message)
+
+    parser.error = error
+    return parser
+
+
+def _accelerate_options() -> dict[str, bool]:
+    """``accelerate launch``'s option strings, each mapped to whether it takes a value."""
     return {
         option: action.nargs != 0
-        for action in launch_command_parser()._actions
+        for action in _launch_parser()._actions
         for option in action.option_strings
         if option.startswith("--")
     }
@@ -171,6 +182,8 @@ def build_launch_arguments(argv: Sequence[str]) -> tuple[list[str], list[str], s
     """
     from trl_nca.scripts.train import make_parser, normalize_argv, peek_trainer, read_recipe
 
+    if not argv:
+        raise UsageError("no recipe given: usage: trl-nca train RECIPE [--flag value ...] (`trl-nca train RECIPE -h`)")
     script_argv = normalize_argv(argv)
     parser = make_parser(peek_trainer(script_argv), prog="trl-nca train")
     if "-h" in script_argv or "--help" in script_argv:
@@ -208,14 +221,26 @@ def build_launch_arguments(argv: Sequence[str]) -> tuple[list[str], list[str], s
 
 def _validated_launch(launch_args: list[str]):
     """accelerate's launch namespace, completed from the accelerate config and defaults (its notice about defaults
-    is silenced: ``trl-nca train`` passes what a recipe needs)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    is silenced: ``trl-nca train`` passes what a recipe needs). An unreadable accelerate config or a conflict between
+    launcher options is a `UsageError`."""
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command
 
+    args = _launch_parser().parse_args(launch_args)
+    config_file = args.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    if config_file is not None:
+        try:
+            load_config_from_file(config_file)
+        except Exception as error:  # anything in a user's file: not a mapping, unknown keys, bad values, bad YAML
+            reason = f"it is not a YAML mapping ({error})" if isinstance(error, AttributeError) else str(error)
+            raise UsageError(f"accelerate config {config_file} cannot be read: {' '.join(reason.split())}") from None
     accelerate_logger = logging.getLogger("accelerate.commands.launch")
     level = accelerate_logger.level
     accelerate_logger.setLevel(logging.ERROR)
     try:
-        return _validate_launch_command(launch_command_parser().parse_args(launch_args))
+        return _validate_launch_command(args)
+    except ValueError as error:  # options that cannot go together (e.g. --multi_gpu with one process)
+        raise UsageError(f"accelerate launch: {error}") from None
     finally:
         accelerate_logger.setLevel(level)
 
@@ -250,7 +275,7 @@ def train(argv: Sequence[str]) -> int:
         sys.stderr.flush()
         os.execvpe(command[0], command, env)
 
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.commands.launch import launch_command
 
     os.environ[WATCH_PARENT_ENV] = "1"
     # torchrun's agent logs each signal it relays and each worker it stops; the outcome is reported below in one line.
@@ -260,7 +285,7 @@ def train(argv: Sequence[str]) -> int:
         if name.startswith(("accelerate.commands.launch", "torch.distributed.elastic", "torch.distributed.run")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        launch_command(launch_command_parser().parse_args(launch_args))
+        launch_command(_launch_parser().parse_args(launch_args))
     except KeyboardInterrupt:
         print(interrupted_message(output_dir), file=sys.stderr)
         return 130
@@ -310,14 +335,25 @@ def failure_message(error: Exception, output_dir: str | None) -> str:
     return f"trl-nca train: {what}; the run stopped; {_last_checkpoint_text(output_dir)}"
 
 
+#: Libraries whose FutureWarning/DeprecationWarning are noise to a `trl-nca train` user: they come from code the user
+#: does not call (e.g. transformers' ``gradient_checkpointing`` -> ``activation_checkpointing`` rename, which TRL's
+#: own defaults and internals trigger on every run).
+QUIET_MODULES = (
+    r"(transformers|trl|trl_nca|accelerate|torch|peft|deepspeed|datasets|bitsandbytes|huggingface_hub|safetensors)"
+    r"(\.|$)"
+)
+
+
 def quiet_warnings() -> None:
-    """No FutureWarning/DeprecationWarning spam from TRL/transformers in the CLI processes (launcher and training
-    processes alike, via ``PYTHONWARNINGS``); a user's own ``PYTHONWARNINGS`` wins."""
+    """Hide the FutureWarning/DeprecationWarning that the libraries `trl-nca train` drives raise about their own
+    internals (`QUIET_MODULES`), in this process only (the training script calls it too). Warnings from the user's
+    code (``--callbacks``) still show, and ``-W``/``PYTHONWARNINGS`` turn this off."""
     import warnings
 
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
 
 
 def _dispatch(module_name: str, argv: Sequence[str]) -> int:

@@ -457,31 +457,54 @@ def check_launch(training_args: TrainingArguments, expected_processes: int | Non
 
 
 def _select_splits(raw: Any, script_args: NCAScriptArguments, training_args: TrainingArguments) -> tuple[Any, Any]:
-    """The train split and, when evaluation is on, the test split of ``raw``; clear errors when one is missing."""
-    if script_args.dataset_train_split not in raw:
-        raise KeyError(
-            f"Split {script_args.dataset_train_split!r} not found in {script_args.dataset_name}; it has "
-            f"{sorted(raw)}. Set `dataset_train_split`."
+    """The train split and, when evaluation is on, the test split of ``raw``; a `DatasetError` when one is missing."""
+    from trl_nca.cli import did_you_mean
+
+    train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    if train_split not in raw:
+        raise DatasetError(
+            f"dataset_train_split: {script_args.dataset_name} has no split {train_split!r}"
+            f"{did_you_mean(train_split, raw)}; it has {sorted(raw)}."
         )
-    train_dataset = raw[script_args.dataset_train_split]
+    train_dataset = raw[train_split]
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        if script_args.dataset_test_split not in raw:
-            raise KeyError(
-                f"eval_strategy={training_args.eval_strategy!r} needs split {script_args.dataset_test_split!r}, "
-                f"but {script_args.dataset_name} has {sorted(raw)}. Set `dataset_test_split` or eval_strategy: no."
+        if test_split not in raw:
+            raise DatasetError(
+                f"dataset_test_split: eval_strategy={training_args.eval_strategy!r} needs the split {test_split!r}"
+                f"{did_you_mean(test_split, raw)}, but {script_args.dataset_name} has {sorted(raw)}. Set "
+                "`dataset_test_split`, or `eval_strategy: no`."
             )
-        eval_dataset = raw[script_args.dataset_test_split]
+        eval_dataset = raw[test_split]
     return train_dataset, eval_dataset
+
+
+def _check_model_path(name: str) -> None:
+    """A `UsageError` for a model given as a local path (absolute, ``./``, ``../`` or ``~``) that is not a folder;
+    transformers would take it for a Hub id and fail with a long, unrelated message."""
+    from trl_nca.cli import UsageError
+
+    path = Path(name).expanduser()
+    if (path.is_absolute() or name.startswith((".", "~"))) and not path.is_dir():
+        raise UsageError(
+            f"model_name_or_path: the folder {name} does not exist (a local model folder or a Hub id such as "
+            "`mistralai/Mistral-7B-v0.1`)."
+        )
 
 
 def main(script_args: NCAScriptArguments, training_args: TrainingArguments, model_args: ModelConfig) -> Trainer:
     """Load the data and the model, train with the chosen trainer, save (and push when asked); return the trainer."""
     from trl import get_peft_config, get_quantization_config
 
+    from trl_nca.checkpoints import resolve_resume_checkpoint
+    from trl_nca.cli import UsageError
+
     check_launch(training_args, script_args.num_processes)
     if not model_args.model_name_or_path:
-        raise ValueError("`model_name_or_path` is required (a Hub id or a local model folder).")
+        raise UsageError("`model_name_or_path` is required (a Hub id or a local model folder).")
+    _check_model_path(model_args.model_name_or_path)
+    # A corrupt checkpoint fails here, named with the newest intact one, before any data or model is loaded.
+    resume = resolve_resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -523,9 +546,6 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
 
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True  # the newest checkpoint in output_dir
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
