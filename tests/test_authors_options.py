@@ -14,15 +14,15 @@ import torch
 from conftest import cpu_args
 from datasets import Dataset
 from test_shared_prompt import _logps_loss_grads
-from test_trainer import reward_rows
+from test_trainer import preference_rows, reward_rows
 
-from trl_nca import DataCollatorForKWayReward, InfoNCAConfig, NCAConfig, NCATrainer
+from trl_nca import DataCollatorForKWayReward, InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 from trl_nca.collator import truncate_like_the_authors
 from trl_nca.losses import favour_first_response, infonca_loss, nca_loss, target_weights
 
 
-def authors_soft_labels(scores: list[float], temperature_alpha: float) -> list[float]:
-    shifted = [(s + (0.01 if i == 0 else 0.0)) / temperature_alpha for i, s in enumerate(scores)]
+def authors_soft_labels(scores: list[float], temperature_alpha: float, bonus: float = 0.01) -> list[float]:
+    shifted = [(s + (bonus if i == 0 else 0.0)) / temperature_alpha for i, s in enumerate(scores)]
     top = max(shifted)
     exps = [math.exp(s - top) for s in shifted]
     return [e / sum(exps) for e in exps]
@@ -68,6 +68,71 @@ def test_nca_and_infonca_with_the_bonus_equal_the_authors_formula_per_example():
         assert infonca[b] == pytest.approx(expected_infonca, rel=1e-5)
 
 
+def authors_hard_labels(scores: list[float], bonus: float) -> list[float]:
+    """The alpha -> 0 limit of the authors' soft labels: uniform over the responses with the top (shifted) score."""
+    shifted = [s + (bonus if i == 0 else 0.0) for i, s in enumerate(scores)]
+    top = [float(s == max(shifted)) for s in shifted]
+    return [t / sum(top) for t in top]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("trainer_cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
+def test_trainer_loss_follows_the_tie_break(tmp_path, tokenizer, make_model, trainer_cls, config_cls, alpha):
+    """The trainer's loss and its logged weight entropy equal the authors' formula for each tie_break, per prompt."""
+    rows = reward_rows(n=2, k=4)
+    rows[0]["rewards"] = [3.0, 3.0, 1.0, 0.0]  # tied on top, one of them listed first
+    rows[1]["rewards"] = [2.0, 4.0, 4.0, 0.0]  # tied on top, neither listed first
+    beta, losses, entropies = 0.5, {}, {}
+    for tie_break, bonus in (("share", 0.0), ("first", 0.01)):
+        trainer = trainer_cls(
+            make_model(seed=0, initializer_range=0.1),
+            ref_model=make_model(seed=1),
+            args=cpu_args(config_cls, tmp_path / tie_break, alpha=alpha, beta=beta, tie_break=tie_break),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+        with torch.no_grad():
+            _, policy = trainer._forward_logps(trainer.model, batch)
+            ref = trainer._reference_logps(batch)
+            losses[tie_break] = trainer.compute_loss(trainer.model, batch).item()
+        mode = "train" if trainer.model.training else "eval"
+        entropies[tie_break] = trainer._metrics[mode]["target_weights/entropy"][-1]
+
+        expected_loss, expected_entropy = 0.0, 0.0
+        for b, row in enumerate(rows):
+            scores = row["rewards"]
+            w = authors_hard_labels(scores, bonus) if alpha == 0 else authors_soft_labels(scores, alpha, bonus)
+            r = [beta * (policy[b, i].item() - ref[b, i].item()) for i in range(4)]
+            if trainer_cls is NCATrainer:
+                loss = -sum(log_sigmoid(-x) for x in r) / 4 - sum(wi * log_sigmoid(x) for wi, x in zip(w, r))
+            else:
+                log_z = math.log(sum(math.exp(x) for x in r))
+                loss = -sum(wi * (x - log_z) for wi, x in zip(w, r))
+            expected_loss += loss / len(rows)
+            expected_entropy -= sum(wi * math.log(wi) for wi in w if wi > 0) / len(rows)
+        assert losses[tie_break] == pytest.approx(expected_loss, rel=1e-5), tie_break
+        assert entropies[tie_break] == pytest.approx(expected_entropy, rel=1e-4, abs=1e-6), tie_break
+    assert losses["first"] != pytest.approx(losses["share"], rel=1e-4)
+    if alpha == 0:  # row 0's tie goes to its first response, row 1's stays shared
+        assert entropies["first"] == pytest.approx(math.log(2) / 2)
+        assert entropies["share"] == pytest.approx(math.log(2))
+
+
+def test_tie_break_leaves_preference_rows_alone(tmp_path, tokenizer, make_model):
+    results = {}
+    for tie_break in ("share", "first"):
+        trainer = NCATrainer(
+            make_model(seed=0, initializer_range=0.1),
+            ref_model=make_model(seed=1),
+            args=cpu_args(NCAConfig, tmp_path / tie_break, alpha=3.0, tie_break=tie_break),
+            train_dataset=Dataset.from_list(preference_rows(n=4)),
+            processing_class=tokenizer,
+        )
+        results[tie_break] = _logps_loss_grads(trainer)
+    assert results["first"][1].item() == results["share"][1].item()
+
+
 # ---------------------------------------------------------------------------------------------- truncation
 TRUNCATION_CASES = [
     # (prompt length, response lengths, max_length, max_prompt_length) -> (kept prompt slice, kept response lengths)
@@ -100,6 +165,13 @@ def test_collator_applies_it_in_both_layouts():
     shared = DataCollatorForKWayReward(pad_token_id=0, max_length=12, max_prompt_length=6, layout="shared_prompt")
     row = shared([example])["input_ids"][0].tolist()
     assert row == [5, 6, 7, 8, 9] + [10, 21, 22] + [10, 31, 32, 33, 34, 35, 36]
+
+    # A short prompt is kept whole, but the responses still keep only 12 - 6 tokens (not 12 - 3): their rule.
+    example = {"prompt_ids": [1, 2, 3], "completion_ids": [[21], list(range(31, 42))], "rewards": [1, 0]}
+    padded = DataCollatorForKWayReward(pad_token_id=0, max_length=12, max_prompt_length=6)([example])
+    assert padded["input_ids"].tolist() == [[1, 2, 3, 21, 0, 0, 0, 0, 0], [1, 2, 3, 31, 32, 33, 34, 35, 36]]
+    row = shared([example])["input_ids"][0].tolist()
+    assert row == [1, 2] + [3, 21] + [3, 31, 32, 33, 34, 35, 36]
 
 
 def test_shared_prompt_equals_padded_with_the_authors_truncation(tmp_path, tokenizer, make_model):
@@ -150,11 +222,32 @@ def test_trainer_keeps_long_prompts_and_trains_with_both_options(tmp_path, token
     assert "ties on the top reward: first" in card and "prompt's last 8 tokens" in card
 
 
+def test_precomputed_reference_uses_the_authors_truncation(tmp_path, tokenizer, make_model):
+    rows = reward_rows(n=4, k=4)
+    rows[1] = {**rows[1], "prompt": "one two three four five six seven eight nine ten " * 3}
+    ref_logps = {}
+    for precompute in ({}, {"precompute_ref_log_probs": True}):
+        trainer = NCATrainer(
+            make_model(seed=0),
+            ref_model=make_model(seed=1, initializer_range=0.1),
+            args=cpu_args(NCAConfig, tmp_path / str(precompute), max_length=16, max_prompt_length=8, **precompute),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+        with torch.no_grad():
+            ref_logps[bool(precompute)] = trainer._reference_logps(batch)
+    assert trainer.precompute_ref_logps
+    torch.testing.assert_close(ref_logps[True], ref_logps[False], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
         ({"max_prompt_length": 8, "max_length": None}, "`max_prompt_length` needs `max_length`"),
-        ({"max_prompt_length": 16, "max_length": 16}, "must be > 0 and < max_length=16"),
+        ({"max_prompt_length": 16, "max_length": 16}, "must be an integer > 0 and < max_length=16"),
+        ({"max_prompt_length": 0, "max_length": 16}, "must be an integer > 0 and < max_length=16"),
+        ({"max_prompt_length": 8.5, "max_length": 16}, "must be an integer > 0 and < max_length=16"),
         ({"tie_break": "last"}, "`tie_break` must be 'share' or 'first'"),
     ],
 )
@@ -162,6 +255,15 @@ def test_invalid_options_are_refused(tmp_path, overrides, message):
     for config_cls in (NCAConfig, InfoNCAConfig):
         with pytest.raises(ValueError, match=message):
             cpu_args(config_cls, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "max_length,max_prompt_length,message",
+    [(None, 8, "max_prompt_length needs max_length"), (16, 16, "must be > 0 and < max_length=16"), (16, 0, "> 0")],
+)
+def test_collator_refuses_an_impossible_prompt_budget(max_length, max_prompt_length, message):
+    with pytest.raises(ValueError, match=message):
+        DataCollatorForKWayReward(pad_token_id=0, max_length=max_length, max_prompt_length=max_prompt_length)
 
 
 def test_recipes_that_claim_the_authors_setting_use_both_options():

@@ -45,7 +45,7 @@ def _truncate(ids: list[int], mask: list[int], max_length: int | None, mode: str
 def truncate_like_the_authors(
     prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int
 ) -> tuple[list[int], list[list[int]]]:
-    """The authors' truncation (TRL < 0.20's DPO rule with `truncation_mode="keep_end"`), for one prompt and its K
+    """The authors' truncation (TRL < 0.12's DPO rule with `truncation_mode="keep_end"`), for one prompt and its K
     responses: if the prompt plus the longest response exceeds `max_length`, keep the prompt's last
     `max_prompt_length` tokens; if still too long, keep the first `max_length - max_prompt_length` tokens of every
     response. Every response shares the same (truncated) prompt."""
@@ -94,8 +94,13 @@ class DataCollatorForKWayReward:
     def __post_init__(self):
         if self.layout not in ("padded", "shared_prompt"):
             raise ValueError(f"Unknown layout {self.layout!r}: expected 'padded' or 'shared_prompt'.")
-        if self.max_prompt_length is not None and self.max_length is None:
-            raise ValueError("max_prompt_length needs max_length (the budget of prompt + response).")
+        if self.max_prompt_length is not None:
+            if self.max_length is None:
+                raise ValueError("max_prompt_length needs max_length (the budget of prompt + response).")
+            if not 0 < self.max_prompt_length < self.max_length:
+                raise ValueError(
+                    f"max_prompt_length must be > 0 and < max_length={self.max_length}, got {self.max_prompt_length}."
+                )
         if (
             self.layout == "shared_prompt"
             and self.max_length is not None

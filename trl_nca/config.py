@@ -39,15 +39,17 @@ class _RewardAlignmentConfig(DPOConfig):
             once, its responses as branches after it (a 4D attention mask and explicit position ids); `"padded"` runs
             one padded prompt+response row per response (the prompt K times, the authors' layout). `"auto"` picks
             `"shared_prompt"` when the model supports it (sdpa or eager attention, no MoE router aux loss, no
-            prompt-learning PEFT, `keep_start` truncation) and logs the reason once when it falls back to `"padded"`.
+            prompt-learning PEFT, `keep_start` truncation or `max_prompt_length`) and logs the reason once when it
+            falls back to `"padded"`.
         tie_break (`str`, *optional*, defaults to `"share"`):
             How the target weights treat responses tied on the top reward. `"share"`: equal rewards get equal weight
             (exactly `softmax(rewards / α)`; with α = 0 the tied best responses share the weight). `"first"`: the
             authors' code (`score_A0 + 0.01` in their `nca_loss`): 0.01 is added to the first response's reward
             before the softmax, so at small α a tie goes to the response listed first. Use it to reproduce their
-            runs; preference rows are unaffected.
+            runs; preference rows are unaffected. The bonus goes to the row's first response whatever its reward:
+            their data (the `authors_reward` format) and `prepare_reward_dataset` list the best response first.
         max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
-            The authors' truncation (TRL < 0.20's DPO rule, as in their code) instead of DPOConfig's per-sequence
+            The authors' truncation (TRL < 0.12's DPO rule, as in their code) instead of DPOConfig's per-sequence
             `truncation_mode`: when a prompt plus its longest response exceeds `max_length`, the prompt keeps its last
             `max_prompt_length` tokens, and if that is still too long every response keeps its first `max_length -
             max_prompt_length` tokens. The prompt is cut the same way for all K responses, so rows whose prompt alone
@@ -109,10 +111,11 @@ class _RewardAlignmentConfig(DPOConfig):
         if self.max_prompt_length is not None:
             if self.max_length is None:
                 raise ValueError("`max_prompt_length` needs `max_length` (the budget of prompt + response).")
-            if not 0 < self.max_prompt_length < self.max_length:
+            is_int = isinstance(self.max_prompt_length, int) and not isinstance(self.max_prompt_length, bool)
+            if not (is_int and 0 < self.max_prompt_length < self.max_length):
                 raise ValueError(
-                    f"`max_prompt_length` must be > 0 and < max_length={self.max_length}, got "
-                    f"{self.max_prompt_length}."
+                    f"`max_prompt_length` must be an integer > 0 and < max_length={self.max_length} (responses keep "
+                    f"max_length - max_prompt_length tokens), got {self.max_prompt_length!r}."
                 )
         if self.kway_layout not in ("auto", "shared_prompt", "padded"):
             raise ValueError(f"`kway_layout` must be 'auto', 'shared_prompt' or 'padded', got {self.kway_layout!r}.")
