@@ -203,6 +203,63 @@ def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
     assert json.loads((first / "nca" / "metrics.json").read_text()) == metrics
 
 
+def test_demo_progress_bars_say_what_they_are(tmp_path, monkeypatch):
+    """The SFT and alignment bars carry a label (not a bare `0/282`); the logged metrics dicts stay in log_history."""
+    from dataclasses import replace
+
+    import transformers.trainer_callback
+    from tqdm.auto import tqdm
+
+    from trl_nca import callbacks
+
+    made = []
+
+    def recording_tqdm(**kwargs):  # the bars the callbacks open, drawn nowhere (the test session disables tqdm)
+        made.append(kwargs)
+        return tqdm(**{**kwargs, "disable": True})
+
+    for module in (callbacks, transformers.trainer_callback):  # ours, and transformers' unlabelled ProgressCallback
+        monkeypatch.setattr(module, "tqdm", recording_tqdm, raising=False)
+    preset = replace(P.PRESETS["tiny"], n_demos=16, sft_epochs=1, sft_batch=8, align_steps=2, align_batch=2)
+    tokenizer = P.build_demo_tokenizer()
+    digits = [[random.Random(i).randrange(10) for _ in range(3)] for i in range(preset.n_demos)]
+    P.train_sft(preset, tokenizer, P.sft_dataset_rows(digits, preset, 0), 0, tmp_path / "sft")
+    rows = [_row(["1 2 3", "3 1 2", "1 2", "2 1 3"], [1.0, 0.4, 0.6, 0.3])] * 4
+    for method in ("nca", "dpo"):
+        hparams = P.DEFAULT_HPARAMS["tiny"][method]
+        result = P.align(method, tmp_path / "sft", tokenizer, rows, None, hparams, preset, 0, tmp_path)
+        assert any("loss" in entry for entry in result.log_history)
+    assert [(bar.get("desc"), bar["total"]) for bar in made] == [
+        ("SFT warm start", 2),  # 16 demonstrations, batches of 8, one epoch
+        ("NCA alignment", 2),
+        ("DPO (best vs worst) alignment", 2),
+    ]
+
+
+@pytest.mark.slow
+def test_demo_terminal_output_is_labelled_bars_and_its_own_lines(tmp_path):
+    """What a user sees from `trl-nca demo` (tiny size, bars on): every progress bar says what it is, and every other
+    line is the demo's own (no library warnings)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "DS_ACCELERATOR"))}
+    command = [sys.executable, "-m", "trl_nca.demo.run", "--size", "tiny", "--output-dir", str(tmp_path / "demo")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pieces = [p.strip() for p in re.split(r"[\r\n]", result.stdout + result.stderr) if p.strip()]
+    bars = [p for p in pieces if re.search(r"\d+%\|", p)]
+    labels = {re.sub(r":?\s*\d+%\|.*", "", bar) for bar in bars}
+    assert bars and "" not in labels
+    assert {"SFT warm start", "NCA alignment"} <= labels
+    lines = [p for p in pieces if p not in bars]
+    own = ("[seed 0] ", "Evaluating the SFT model", "Aligning with NCA", "trl-nca demo:", "held-out reward")
+    own += ("exact answers", "Δ log-likelihood", "ranking accuracy", "wall time")
+    assert [line for line in lines if not line.startswith(own)] == []
+
+
 def test_demo_rejects_unknown_choices(tmp_path):
     from trl_nca.demo.run import build_parser, run_demo
 

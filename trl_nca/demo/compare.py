@@ -63,6 +63,8 @@ def run_comparison(
 ) -> dict[str, Any]:
     """Run tuning, the seeded evaluation and the α=0 ablation; return (and save to `output_dir/results.json`) every
     measured number. SFT models and reward data are cached per seed under `output_dir/seed{N}`."""
+    import torch
+
     from trl_nca.demo import pipeline as P
 
     start = time.perf_counter()
@@ -74,22 +76,36 @@ def run_comparison(
     def log(message: str) -> None:
         print_log(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}")
 
-    def evaluate(model: Any, tokenizer: Any, reference: Any, seed: int, desc: str) -> dict[str, Any]:
-        return P.evaluate_policy(model, tokenizer, reference, preset, seed, show_progress=show_progress, desc=desc)
+    def baseline(seed: int, split: str) -> tuple[Any, Any, dict[str, Any]]:
+        """Stages 1-3 of `seed` (cached), the SFT model's reference on `split` and the SFT model's own record."""
+        prep = P.prepare(preset, seed, output_dir / f"seed{seed}", show_progress=show_progress, log=log)
+        sft = P.load_model(prep.sft_dir)
+        reference = P.make_reference(sft, prep.tokenizer, prep.data[split])
+        evaluation = P.evaluate_policy(sft, prep.tokenizer, reference, preset, seed, show_progress, f"SFT ({split})")
+        return prep, reference, _run_record("sft", seed, P.AlignHParams(0.0, 0.0, 0.0), None, evaluation)
+
+    def train_and_evaluate(method: str, hp: Any, prep: Any, probe_rows: Any, reference: Any, split: str) -> dict:
+        """One alignment run on `prep`'s training rows, evaluated on `reference` (the `split` prompts)."""
+        seed = prep.seed
+        res = P.align(
+            method,
+            prep.sft_dir,
+            prep.tokenizer,
+            prep.data["train"],
+            probe_rows,
+            hp,
+            preset,
+            seed,
+            output_dir / "runs",
+            show_progress=show_progress,
+        )
+        desc = f"{method} ({split})"
+        evaluation = P.evaluate_policy(res.model, prep.tokenizer, reference, preset, seed, show_progress, desc)
+        return _run_record(method, seed, hp, res, evaluation)
 
     # 1. tuning on the validation split of a separate seed
-    prep = P.prepare(preset, tuning_seed, output_dir / f"seed{tuning_seed}", show_progress=show_progress, log=log)
-    sft = P.load_model(prep.sft_dir)
-    val_ref = P.make_reference(sft, prep.tokenizer, prep.data["val"])
-    tuning: list[dict[str, Any]] = [
-        _run_record(
-            "sft",
-            tuning_seed,
-            P.AlignHParams(0.0, 0.0, 0.0),
-            None,
-            evaluate(sft, prep.tokenizer, val_ref, tuning_seed, "SFT (val)"),
-        )
-    ]
+    prep, val_ref, sft_record = baseline(tuning_seed, "val")
+    tuning: list[dict[str, Any]] = [sft_record]
     grid = [
         P.AlignHParams(learning_rate=lr, beta=beta, alpha=alpha) for lr, beta in itertools.product(grid_lr, grid_beta)
     ]
@@ -98,25 +114,8 @@ def run_comparison(
         best = None
         for i, hp in enumerate(grid):
             log(f"[tuning {method} {i + 1}/{len(grid)}] lr={hp.learning_rate} beta={hp.beta}")
-            res = P.align(  # no likelihood probe: only the final evaluation counts here
-                method,
-                prep.sft_dir,
-                prep.tokenizer,
-                prep.data["train"],
-                None,
-                hp,
-                preset,
-                tuning_seed,
-                output_dir / "runs",
-                show_progress=show_progress,
-            )
-            record = _run_record(
-                method,
-                tuning_seed,
-                hp,
-                res,
-                evaluate(res.model, prep.tokenizer, val_ref, tuning_seed, f"{method} (val)"),
-            )
+            # no likelihood probe: only the final evaluation counts here
+            record = train_and_evaluate(method, hp, prep, None, val_ref, "val")
             record.pop("likelihood")
             tuning.append(record)
             if best is None or record["reward_sampled"] > best[0]:
@@ -129,24 +128,15 @@ def run_comparison(
     ablation_runs: list[dict[str, Any]] = []
     data_stats: dict[int, dict[str, Any]] = {}
     for seed in seeds:
-        prep = P.prepare(preset, seed, output_dir / f"seed{seed}", show_progress=show_progress, log=log)
-        sft = P.load_model(prep.sft_dir)
-        test_ref = P.make_reference(sft, prep.tokenizer, prep.data["test"])
-        runs.append(
-            _run_record(
-                "sft",
-                seed,
-                P.AlignHParams(0.0, 0.0, 0.0),
-                None,
-                evaluate(sft, prep.tokenizer, test_ref, seed, "SFT (test)"),
-            )
-        )
+        prep, test_ref, sft_record = baseline(seed, "test")
+        runs.append(sft_record)
+        trainable = P.trainable_rows(prep.data["train"])
         data_stats[seed] = {
             "train": P.reward_stats(prep.data["train"]),
             "n_train_prompts": len(prep.data["train"]),
-            "n_trainable": len(P.trainable_rows(prep.data["train"])),
-            "n_pairs_best_worst": len(P.preference_pairs(P.trainable_rows(prep.data["train"]), "best_worst")),
-            "n_pairs_best_all": len(P.preference_pairs(P.trainable_rows(prep.data["train"]), "best_all")),
+            "n_trainable": len(trainable),
+            "n_pairs_best_worst": len(P.preference_pairs(trainable, "best_worst")),
+            "n_pairs_best_all": len(P.preference_pairs(trainable, "best_all")),
             "timings": prep.timings,
         }
         variants = [(m, selected[m], runs) for m in methods]
@@ -156,23 +146,7 @@ def run_comparison(
             ]
         for method, hp, sink in variants:
             log(f"[seed {seed}] {method} with {hp}")
-            res = P.align(
-                method,
-                prep.sft_dir,
-                prep.tokenizer,
-                prep.data["train"],
-                prep.data["val"],
-                hp,
-                preset,
-                seed,
-                output_dir / "runs",
-                show_progress=show_progress,
-            )
-            sink.append(
-                _run_record(
-                    method, seed, hp, res, evaluate(res.model, prep.tokenizer, test_ref, seed, f"{method} (test)")
-                )
-            )
+            sink.append(train_and_evaluate(method, hp, prep, prep.data["val"], test_ref, "test"))
     results = {
         "size": size,
         "preset": asdict(preset),
@@ -187,17 +161,11 @@ def run_comparison(
         "ablation": ablation_runs,
         "data": {str(k): v for k, v in data_stats.items()},
         "wall_s": time.perf_counter() - start,
-        "machine": f"{platform.machine()}, {platform.system()}, torch threads {_torch_threads()}",
+        "machine": f"{platform.machine()}, {platform.system()}, torch threads {torch.get_num_threads()}",
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _by_method(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

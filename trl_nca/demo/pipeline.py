@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from trl_nca.callbacks import LabelledProgressCallback
@@ -156,14 +156,6 @@ def quiet_logs(trainer: Any, label: str) -> None:
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_BarOnlyProgress(label))
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, torch and transformers."""
-    from transformers import set_seed as hf_set_seed
-
-    random.seed(seed)
-    hf_set_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -336,16 +328,14 @@ def generate_completions(
 
 def reward_rows(prompts: Sequence[list[dict[str, str]]], completions: Sequence[list[str]]) -> list[dict[str, Any]]:
     """Score sampled completions with the ground-truth reward: rows in trl-nca's conversational reward format."""
-    rows = []
-    for prompt, texts in zip(prompts, completions, strict=True):
-        rows.append(
-            {
-                "prompt": prompt,
-                "completions": [assistant_message(t) for t in texts],
-                "rewards": [sort_reward(prompt[0]["content"], t) for t in texts],
-            }
-        )
-    return rows
+    return [
+        {
+            "prompt": prompt,
+            "completions": [assistant_message(t) for t in texts],
+            "rewards": [sort_reward(prompt[0]["content"], t) for t in texts],
+        }
+        for prompt, texts in zip(prompts, completions, strict=True)
+    ]
 
 
 def save_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:

@@ -19,11 +19,9 @@ RANK_COLORS = ("#1a9850", "#91cf60", "#fc8d59", "#d73027", "#7b3294", "#2c7bb6")
 
 
 def _figure(ncols: int, width: float = 5.0, height: float = 3.6) -> tuple[Any, list[Any]]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError('Plots need matplotlib: pip install "trl-nca[plot]"') from err
+    from trl_nca.plotting import _import_matplotlib
+
+    Figure, FigureCanvasAgg = _import_matplotlib()
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols, squeeze=False)[0]

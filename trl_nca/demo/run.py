@@ -27,7 +27,7 @@ from typing import Any
 TRAINER_CHOICES = ("nca", "infonca", "dpo", "dpo_all")
 
 
-_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+_DEMO_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @contextlib.contextmanager
@@ -39,13 +39,16 @@ def demo_runtime(threads: int) -> Iterator[None]:
     import torch
     import transformers
 
-    saved_env = {key: os.environ.get(key) for key in _OFFLINE_ENV}
+    env = dict(_DEMO_ENV)
+    if not torch.cuda.is_available():  # what DeepSpeed picks anyway, minus its "unable to detect" warning line
+        env["DS_ACCELERATOR"] = "cpu"
+    saved_env = {key: os.environ.get(key) for key in env}
     saved_threads = torch.get_num_threads()
     saved_verbosity = transformers.logging.get_verbosity()
     hf_bars = transformers.utils.logging.is_progress_bar_enabled()
     ds_bars = datasets.is_progress_bar_enabled()
     with warnings.catch_warnings():
-        for key, value in _OFFLINE_ENV.items():
+        for key, value in env.items():
             os.environ.setdefault(key, value)
         if threads > 0:
             torch.set_num_threads(threads)
