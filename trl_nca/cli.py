@@ -7,6 +7,8 @@ Subcommands:
   values. ``--accelerate_config NAME|PATH`` and ``--num_processes N`` (flags or recipe keys) set the launcher, like
   ``trl dpo``; any other flag the training script does not know is passed to ``accelerate launch`` (for example
   ``--main_process_port 29511``).
+- ``trl-nca generate CONFIG.yaml [--key value ...]``: prompts -> reward dataset (``trl_nca.scripts.generate``).
+- ``trl-nca iterate CONFIG.yaml [--key value ...]``: rounds of generate -> train (``trl_nca.scripts.iterate``).
 - ``trl-nca demo ...``: the offline demo (``trl_nca.demo.run``).
 - ``trl-nca plot ...``: plots from training logs (``trl_nca.plotting``).
 
@@ -35,6 +37,9 @@ USAGE = """usage: trl-nca <command> [<args>]
 commands:
   train CONFIG.yaml [--key value ...]   train with NCA/InfoNCA through `accelerate launch`
                                         (--accelerate_config NAME|PATH, --num_processes N)
+  generate CONFIG.yaml [--key value ...]
+                                        sample and score K completions per prompt: a reward dataset
+  iterate CONFIG.yaml [--key value ...] rounds of generate -> train with the current policy
   demo ...                              run the offline demo (trl-nca demo -h)
   plot ...                              plot training logs (trl-nca plot -h)
 """
@@ -386,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as error:
             print(f"trl-nca train: error: {error}", file=sys.stderr)
             return 2
+    if command == "generate":
+        return _dispatch("trl_nca.scripts.generate", rest)
+    if command == "iterate":
+        return _dispatch("trl_nca.scripts.iterate", rest)
     if command == "demo":
         return _dispatch("trl_nca.demo.run", rest)
     if command == "plot":

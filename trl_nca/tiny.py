@@ -118,8 +118,46 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = _stop_ids(tokenizer)
     return model
+
+
+def _stop_ids(tokenizer: PreTrainedTokenizerFast) -> int | list[int]:
+    """EOS plus the chat template's end-of-turn token, as chat models' generation configs list them."""
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
+    if end_of_turn is None or end_of_turn == tokenizer.unk_token_id or end_of_turn == tokenizer.eos_token_id:
+        return tokenizer.eos_token_id
+    return [tokenizer.eos_token_id, end_of_turn]
+
+
+def build_tiny_reward_model(
+    tokenizer: PreTrainedTokenizerFast,
+    architecture: str = "mistral",
+    hidden_size: int = 32,
+    num_hidden_layers: int = 1,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A random-init `AutoModelForSequenceClassification` with one label (a reward model) sized for a CPU."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = dict(TINY_ARCHITECTURES[architecture])
+    model_type = kwargs.pop("model_type")
+    kwargs.update(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
 
 
 def save_tiny(path: str, architecture: str = "mistral", **model_kwargs) -> str:

@@ -1,0 +1,299 @@
+"""Sampling K completions per prompt from a causal LM, as GRPOTrainer samples them.
+
+Prompts are standard (text) or conversational (chat messages); conversational prompts are rendered with the model's
+chat template and the generation prompt, standard prompts are tokenized as they are (both as `trl.GRPOTrainer` does).
+Completions are decoded without special tokens and cut at the first stop token (the tokenizer's EOS and the model's
+`generation_config.eos_token_id`, which for chat models includes the end-of-turn token); a conversational prompt's
+completion is an assistant message.
+
+Randomness is keyed, not streamed: each call to `Sampler.sample` seeds the generator from `seed` and its `key` (the
+chunk of prompts), so the completions of a chunk do not depend on which process samples it or on what was sampled
+before. That is what makes `trl_nca.reward_data` resumable and identical on one or several processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.data_utils import is_conversational
+
+Prompt = str | list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How completions are sampled (the fields of the same names in `RewardDataConfig`).
+
+    `top_k=0` and `top_p=1.0` switch truncation off (ancestral sampling at `temperature`); `do_sample=False` is greedy
+    decoding (one distinct completion per prompt).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    do_sample: bool = True
+
+
+@dataclass
+class Sample:
+    """One sampled completion: as text (standard prompt) or an assistant message list (conversational prompt), its
+    token ids (cut at the stop token, which is not included) and whether it stopped before `max_new_tokens`."""
+
+    completion: str | list[dict[str, Any]]
+    completion_ids: list[int]
+    finished: bool
+
+
+def keyed_seed(seed: int, *keys: Any) -> int:
+    """A 63-bit seed derived from `seed` and `keys` (stable across processes, runs and Python versions)."""
+    text = "/".join(str(part) for part in (seed, *keys))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def chunk_key(model_index: int, chunk_index: int) -> str:
+    """The `Sampler.sample` key of a chunk of prompts sampled by the `model_index`-th model of a pool."""
+    return f"model{model_index}/chunk{chunk_index}"
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The text of a completion: the string itself, or the content of its (assistant) messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(message.get("content") or "") for message in completion)
+
+
+def stop_token_ids(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and every id of the model's
+    `generation_config.eos_token_id`."""
+    ids: list[int] = []
+    candidates: list[Any] = [tokenizer.eos_token_id]
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        candidates.append(generation_config.eos_token_id)
+    for candidate in candidates:
+        for token in candidate if isinstance(candidate, (list, tuple)) else [candidate]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return ids
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    tools: list | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[list[int]]:
+    """Token ids of each prompt, ready for generation (GRPOTrainer's rule): chat template with the generation prompt
+    for conversational prompts, the tokenizer's default special tokens for standard ones."""
+    if not prompts:
+        return []
+    if is_conversational({"prompt": prompts[0]}):
+        return [
+            list(
+                tokenizer.apply_chat_template(
+                    list(prompt),
+                    tools=tools or None,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    **(chat_template_kwargs or {}),
+                )["input_ids"]
+            )
+            for prompt in prompts
+        ]
+    return [list(ids) for ids in tokenizer(text=list(prompts))["input_ids"]]
+
+
+def decode_sample(
+    tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stop_ids: Sequence[int], conversational: bool
+) -> Sample:
+    """Cut generated ids at the first stop token (or padding after it) and decode them without special tokens."""
+    stops = set(stop_ids)
+    cut = next((i for i, token in enumerate(token_ids) if token in stops), None)
+    ids = list(token_ids[:cut]) if cut is not None else list(token_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    completion: str | list[dict[str, Any]] = [{"role": "assistant", "content": text}] if conversational else text
+    return Sample(completion=completion, completion_ids=ids, finished=cut is not None)
+
+
+class Sampler:
+    """Samples completions from one model. Subclasses implement `_generate` for a backend."""
+
+    name: str
+
+    def sample(self, prompts: Sequence[Prompt], num_samples: int, seed: int, key: Any = 0) -> list[list[Sample]]:
+        """`num_samples` completions for each prompt, deterministic under (`seed`, `key`)."""
+        if not prompts or num_samples <= 0:
+            return [[] for _ in prompts]
+        return self._generate(prompts, num_samples, keyed_seed(seed, key))
+
+    def _generate(self, prompts: Sequence[Prompt], num_samples: int, seed: int) -> list[list[Sample]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the model (the next model of a pool then has the memory)."""
+
+
+class TransformersSampler(Sampler):
+    """Batched `model.generate` with left padding, `batch_size` prompts (each with all its samples) per call."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        options: SamplingOptions = SamplingOptions(),
+        batch_size: int = 8,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list | None = None,
+        name: str = "model",
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.options = options
+        self.batch_size = max(1, batch_size)
+        self.chat_template_kwargs = chat_template_kwargs
+        self.tools = tools
+        self.name = name
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.stop_ids[0]
+
+    @torch.no_grad()
+    def _generate(self, prompts: Sequence[Prompt], num_samples: int, seed: int) -> list[list[Sample]]:
+        from trl.trainer.utils import pad
+
+        torch.manual_seed(seed)
+        conversational = is_conversational({"prompt": prompts[0]})
+        encoded = encode_prompts(self.tokenizer, prompts, self.tools, self.chat_template_kwargs)
+        device = self.model.device
+        sampling = (
+            dict(
+                do_sample=True,
+                temperature=self.options.temperature,
+                top_p=self.options.top_p,
+                top_k=self.options.top_k,
+            )
+            if self.options.do_sample
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        )
+        results: list[list[Sample]] = []
+        for start in range(0, len(encoded), self.batch_size):
+            batch = [torch.tensor(ids) for ids in encoded[start : start + self.batch_size]]
+            input_ids = pad(batch, padding_value=self.pad_id, padding_side="left").to(device)
+            attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0, padding_side="left")
+            generated = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=self.options.max_new_tokens,
+                num_return_sequences=num_samples,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                **sampling,
+            )[:, input_ids.shape[1] :].tolist()
+            samples = [decode_sample(self.tokenizer, ids, self.stop_ids, conversational) for ids in generated]
+            results.extend(samples[i : i + num_samples] for i in range(0, len(samples), num_samples))
+        return results
+
+    def close(self) -> None:  # noqa: D102
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class VLLMSampler(Sampler):
+    """Sampling with vLLM (`pip install vllm`), as TRL's `use_vllm` does: prompts go in as token ids rendered by the
+    same rules, completions come back as token ids decoded like the transformers backend's."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        options: SamplingOptions = SamplingOptions(),
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        world_size: int = 1,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list | None = None,
+        name: str = "model",
+    ) -> None:
+        try:
+            import vllm
+        except ImportError:
+            raise ImportError(
+                "backend `vllm` needs vLLM: `pip install vllm` (or use backend `transformers`)."
+            ) from None
+        from transformers import GenerationConfig
+
+        self.vllm = vllm
+        kwargs: dict[str, Any] = dict(
+            model=model_name_or_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization
+        )
+        if world_size > 1:  # one engine per process on its own GPU, as TRL's colocate mode starts them
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = tokenizer
+        self.options = options
+        self.chat_template_kwargs = chat_template_kwargs
+        self.tools = tools
+        self.name = name
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_name_or_path)
+        except OSError:
+            generation_config = None
+        holder = type("_Holder", (), {"generation_config": generation_config})()
+        self.stop_ids = stop_token_ids(holder, tokenizer)
+
+    def _generate(self, prompts: Sequence[Prompt], num_samples: int, seed: int) -> list[list[Sample]]:
+        conversational = is_conversational({"prompt": prompts[0]})
+        encoded = encode_prompts(self.tokenizer, prompts, self.tools, self.chat_template_kwargs)
+        options = self.options
+        params = self.vllm.SamplingParams(
+            n=num_samples,
+            temperature=options.temperature if options.do_sample else 0.0,
+            top_p=options.top_p if options.do_sample else 1.0,
+            top_k=options.top_k if options.do_sample and options.top_k > 0 else -1,
+            max_tokens=options.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            seed=seed % (2**31),
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+        return [
+            [decode_sample(self.tokenizer, list(o.token_ids), self.stop_ids, conversational) for o in output.outputs]
+            for output in outputs
+        ]
+
+    def close(self) -> None:  # noqa: D102
+        self.llm = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    num_samples: int,
+    *,
+    seed: int,
+    options: SamplingOptions = SamplingOptions(),
+    batch_size: int = 64,
+    chunk_size: int = 256,
+    desc: str = "Sampling",
+    show_progress: bool = True,
+) -> list[list[Sample]]:
+    """`num_samples` completions per prompt from an in-memory model, in chunks of `chunk_size` prompts keyed by their
+    position (the same completions as `trl-nca generate` gives a single model with the same seed, chunk and batch
+    sizes)."""
+    sampler = TransformersSampler(model, tokenizer, options, batch_size=batch_size)
+    results: list[list[Sample]] = []
+    starts = range(0, len(prompts), chunk_size)
+    for index, start in enumerate(tqdm(starts, desc=desc, disable=not show_progress, leave=False)):
+        results.extend(sampler.sample(prompts[start : start + chunk_size], num_samples, seed, key=chunk_key(0, index)))
+    return results
