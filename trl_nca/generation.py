@@ -192,11 +192,13 @@ class TransformersSampler(Sampler):
                 input_ids=input_ids,
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=self.options.max_new_tokens,
-                num_return_sequences=num_samples,
+                num_return_sequences=num_samples if self.options.do_sample else 1,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
                 **sampling,
             )[:, input_ids.shape[1] :].tolist()
+            if not self.options.do_sample:  # greedy: the num_samples completions are one and the same
+                generated = [ids for ids in generated for _ in range(num_samples)]
             samples = [decode_sample(self.tokenizer, ids, self.stop_ids, conversational) for ids in generated]
             results.extend(samples[i : i + num_samples] for i in range(0, len(samples), num_samples))
         return results

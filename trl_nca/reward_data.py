@@ -39,8 +39,11 @@ from trl_nca.scoring import (
 
 RESERVED_COLUMNS = ("completions", "rewards", "models")
 STATE_FILE = "generate_config.json"
-# Fields that do not change the rows: a re-run may differ in them and still resume.
+# Fields that do not change the committed chunks: a re-run may differ in them and still resume (changing the weights or
+# `min_completions` re-assembles the dataset from the committed scores without sampling or scoring again).
 _RUN_ONLY_FIELDS = (
+    "min_completions",
+    "reward_weights",
     "output_dir",
     "push_to_hub",
     "hub_dataset_id",
@@ -156,26 +159,25 @@ def run_stage(
     if before_work is not None:
         before_work()
     world, rank = state.num_processes, state.process_index
-    bar = tqdm(
+    with tqdm(
         total=n_chunks,
         initial=n_chunks - len(pending),
         desc=desc,
         unit="chunk",
         disable=not (show_progress and state.is_main_process),
-    )
-    for start in range(0, len(pending), world):
-        chunks = pending[start : start + world]
-        inputs = None
-        if read_input is not None:
-            inputs = _broadcast([read_input(c) for c in chunks] if state.is_main_process else None, state)
-        result = None
-        if rank < len(chunks):
-            result = (chunks[rank], work(chunks[rank], inputs[rank] if inputs is not None else None))
-        for item in _gather(result, state):
-            if item is not None and state.is_main_process:
-                store.write(stage, index, item[0], item[1])
-        bar.update(len(chunks))
-    bar.close()
+    ) as bar:  # closed before an error is printed
+        for start in range(0, len(pending), world):
+            chunks = pending[start : start + world]
+            inputs = None
+            if read_input is not None:
+                inputs = _broadcast([read_input(c) for c in chunks] if state.is_main_process else None, state)
+            result = None
+            if rank < len(chunks):
+                result = (chunks[rank], work(chunks[rank], inputs[rank] if inputs is not None else None))
+            for item in _gather(result, state):
+                if item is not None and state.is_main_process:
+                    store.write(stage, index, item[0], item[1])
+            bar.update(len(chunks))
     state.wait_for_everyone()
     return len(pending)
 
@@ -267,7 +269,7 @@ def merged_chunk(store: ChunkStore, labels: Sequence[str], chunk: int, deduplica
 
     Returns (rows, counts): rows are {"row", "samples": [{"completion", "completion_ids", "model", "finished"}]}.
     """
-    counts = {"sampled": 0, "empty": 0, "duplicates": 0, "truncated": 0}
+    counts = {"sampled": 0, "empty": 0, "duplicates": 0, "truncated": 0, "tokens": 0}
     merged: dict[int, list[dict[str, Any]]] = {}
     for m, label in enumerate(labels):
         for entry in store.read("samples", m, chunk):
@@ -275,6 +277,7 @@ def merged_chunk(store: ChunkStore, labels: Sequence[str], chunk: int, deduplica
             for sample in entry["samples"]:
                 counts["sampled"] += 1
                 counts["truncated"] += not sample["finished"]
+                counts["tokens"] += len(sample["completion_ids"])
                 text = completion_text(sample["completion"])
                 if not text.strip():
                     counts["empty"] += 1
@@ -284,6 +287,30 @@ def merged_chunk(store: ChunkStore, labels: Sequence[str], chunk: int, deduplica
                     continue
                 bucket.append({**sample, "model": label})
     return [{"row": row, "samples": samples} for row, samples in sorted(merged.items())], counts
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def distributed_state() -> Any:
+    """accelerate's `PartialState`, on the CPU (gloo) when the host has no accelerator. A launch whose processes do
+    not form one group (each would redo all the work and write the same files) is an error."""
+    import os
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not _has_accelerator())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(
+            f"launched {launched} processes but accelerate formed a group of {state.num_processes}; check the "
+            "accelerate config (on a host without GPUs use a MULTI_GPU config with ACCELERATE_USE_CPU=true)."
+        )
+    return state
 
 
 def build_reward_dataset(
@@ -298,9 +325,7 @@ def build_reward_dataset(
     both. Returns (dataset, statistics) on the main process and (None, {}) on the others; the outputs are written to
     `config.output_dir` (see `RewardDataConfig`).
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = distributed_state()
     output_dir = Path(config.output_dir)
     sources = list(reward_funcs if reward_funcs is not None else config.reward_funcs)
     weights = list(config.reward_weights or [1.0] * len(sources))
@@ -393,7 +418,7 @@ def build_reward_dataset(
         state.wait_for_everyone()
         return None, {}
     dataset, stats = assemble(store, prompts, config, labels, names, weights, n_chunks, columns)
-    stats.update(timings=timings, chunks_computed=work_done, n_chunks=n_chunks)
+    stats.update(timings=timings, chunks_computed=work_done, n_chunks=n_chunks, processes=state.num_processes)
     specs = [spec if isinstance(spec, str) else f"{spec.__module__}:{source_name(spec)}" for spec in sources]
     write_outputs(dataset, stats, config, labels, list(zip(names, specs, weights, strict=True)), output_dir)
     state.wait_for_everyone()
@@ -442,7 +467,8 @@ def assemble(
     from datasets import Dataset
 
     rows: list[dict[str, Any]] = []
-    counts = {"sampled": 0, "empty": 0, "duplicates": 0, "truncated": 0, "unscored": 0, "prompts_too_few": 0}
+    counts = {"sampled": 0, "empty": 0, "duplicates": 0, "truncated": 0, "tokens": 0, "unscored": 0}
+    counts["prompts_too_few"] = 0
     source_sums = {name: [0.0, 0] for name in names}
     metrics: dict[str, list[float]] = {}
     for chunk in range(n_chunks):
@@ -485,7 +511,9 @@ def assemble(
         "prompts": len(prompts),
         "prompts_kept": len(rows),
         "completions_kept": sum(len(r["completions"]) for r in rows),
-        **{f"completions_{k}" if k not in ("prompts_too_few",) else k: v for k, v in counts.items()},
+        **{f"completions_{k}": counts[k] for k in ("sampled", "empty", "duplicates", "unscored", "truncated")},
+        "prompts_too_few": counts["prompts_too_few"],
+        "completion_tokens_sampled": counts["tokens"],
         "mean_reward": {n: (total / count if count else None) for n, (total, count) in source_sums.items()},
         "reward_function_metrics": {k: sum(v) / len(v) for k, v in metrics.items()},
     }

@@ -77,6 +77,12 @@ def summary(stats: dict, output_dir: str) -> str:
     """What the run wrote, in a few lines."""
     timings = stats.get("timings", {})
     seconds = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items())
+    sampling_s = sum(v for k, v in timings.items() if k.startswith("sampling/"))
+    if all(stats["chunks_computed"][k.removesuffix("_s")] == stats["n_chunks"] for k in timings) and sampling_s > 0:
+        seconds += (
+            f" ({stats['completions_sampled'] / sampling_s:.1f} completions/s, "
+            f"{stats['completion_tokens_sampled'] / sampling_s:.0f} tokens/s sampled)"
+        )
     return (
         f"{stats['prompts_kept']} of {stats['prompts']} prompts kept, {stats['completions_kept']} completions "
         f"({stats['completions_sampled']} sampled; {stats['completions_duplicates']} duplicates, "
