@@ -604,3 +604,93 @@ def test_command_errors_are_one_line(tmp_path, pool_dirs, rewards_py, capsys):
         errors = [line for line in err.splitlines() if "error" in line.lower()]
         assert status == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
         assert errors[0].startswith("trl-nca generate: error:") and message in errors[0], errors[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes: every shipped `generate*.yaml` parses strictly and runs with tiny models of its architectures
+# ---------------------------------------------------------------------------------------------------------------------
+
+GENERATE_RECIPES = sorted((REPO / "recipes").rglob("generate*.yaml"))
+# The architecture of every model a recipe names (the tiny stand-in is built with it).
+ARCHITECTURES = {
+    "HuggingFaceH4/mistral-7b-sft-beta": "mistral",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral",
+    "mistralai/Mathstral-7B-v0.1": "mistral",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen2",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama",
+    "Skywork/Skywork-Reward-V2-Llama-3.1-8B": "llama",
+}
+
+
+def test_generate_recipes_are_found():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in GENERATE_RECIPES}
+    assert {
+        "tiny/generate.yaml",
+        "mistral-7b/generate_math_verifier.yaml",
+        "mistral-7b/generate_pool_rm.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("recipe", GENERATE_RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_generate_recipe_runs_with_tiny_models(recipe, tmp_path, tokenizer):
+    from trl_nca.scripts.generate import parse_args
+    from trl_nca.tiny import save_tiny_assets
+
+    raw = yaml.safe_load(recipe.read_text())
+    config = parse_args([str(recipe)])  # strict: every key is a RewardDataConfig field
+    assert {k: getattr(config, k) for k in raw} == raw
+    assets = save_tiny_assets(str(tmp_path / "assets"))
+    models, funcs = [], []
+    for i, name in enumerate(config.model_name_or_path):
+        if name.startswith("runs/tiny/"):
+            models.append(assets["policy"])
+            continue
+        path = tmp_path / f"model{i}"
+        build_tiny_model(
+            tokenizer,
+            ARCHITECTURES[name],
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            seed=i,
+        ).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        models.append(str(path))
+    for i, spec in enumerate(config.reward_funcs):
+        if ":" in spec:
+            funcs.append(spec)  # a reward function runs as written
+        elif spec.startswith("runs/tiny/"):
+            funcs.append(assets["reward_model"])
+        else:
+            path = tmp_path / f"rm{i}"
+            build_tiny_reward_model(tokenizer, ARCHITECTURES[spec], seed=i).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            funcs.append(str(path))
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {config.prompt_column: [{"role": "user", "content": f"What is {i} + {i}?"}], "solution": f"${2 * i}$"}
+        for i in range(3)
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        "--dataset_name",
+        str(prompts),
+        "--max_new_tokens",
+        "6",
+        "--dtype",
+        "float32",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_name_or_path",
+        *models,
+        "--reward_funcs",
+        *funcs,
+    ]
+    config = parse_args([str(recipe), *overrides])
+    dataset, stats = build_reward_dataset(config, Dataset.from_list(rows), show_progress=False)
+    assert stats["completions_sampled"] == 3 * raw["num_completions"]
+    assert len(dataset) == stats["prompts_kept"] > 0
+    assert set(dataset[0]["models"]) <= set(config.model_names or [Path(m).name for m in models])
+    for row in dataset:
+        assert all(math.isfinite(r) for r in row["rewards"])

@@ -28,7 +28,10 @@ from trl_nca.scripts.train import main, make_parser, parse_args
 REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "recipes"
 ACCELERATE_DIR = RECIPES_DIR / "accelerate_configs"
-RECIPES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if ACCELERATE_DIR not in p.parents)
+# Training recipes; `generate*.yaml` are `trl-nca generate` configs, tested in test_generate.py.
+RECIPES = sorted(
+    p for p in RECIPES_DIR.rglob("*.yaml") if ACCELERATE_DIR not in p.parents and not p.stem.startswith("generate")
+)
 GPU_RECIPES = [p for p in RECIPES if p.parent.name != "tiny"]
 ACCELERATE_CONFIGS = sorted(ACCELERATE_DIR.glob("*.yaml"))
 GPU_ACCELERATE_CONFIGS = {"single_device", "ddp", "zero2", "zero3", "zero3_offload", "fsdp2"}

@@ -167,3 +167,48 @@ def save_tiny(path: str, architecture: str = "mistral", **model_kwargs) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+TINY_PROMPTS = (
+    "Sort ascending: 7 3 9",
+    "What is 2 plus 3?",
+    "Name a colour.",
+    "Write one word that rhymes with cat.",
+    "Count from one to three.",
+    "Say hello in French.",
+    "What is the capital of France?",
+    "Give an even number.",
+)
+
+
+def save_tiny_assets(path: str) -> dict[str, str]:
+    """An offline stand-in for `trl-nca generate`'s inputs under `path`: `policy/` (a tiny Mistral), `reward_model/`
+    (a tiny one-label classifier) and `prompts.jsonl` (conversational prompts). Returns the three paths."""
+    import json
+    from pathlib import Path
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    policy = build_tiny_model(
+        tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    build_tiny_reward_model(tokenizer).save_pretrained(root / "reward_model")
+    tokenizer.save_pretrained(root / "reward_model")
+    with open(root / "prompts.jsonl", "w") as handle:
+        for text in TINY_PROMPTS:
+            handle.write(json.dumps({"prompt": [{"role": "user", "content": text}]}) + "\n")
+    return {
+        "policy": str(root / "policy"),
+        "reward_model": str(root / "reward_model"),
+        "prompts": str(root / "prompts.jsonl"),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    paths = save_tiny_assets(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
+    print("\n".join(f"{name}: {value}" for name, value in paths.items()))
