@@ -282,6 +282,21 @@ def test_grpo_reward_functions_get_grpo_arguments():
     assert call_source(
         "think", think_format_reward, prompts, completions, [[1], [2], [3]], {}, [0, 0, 1], [0, 1, 0]
     ) == [1.0, 0.0, 1.0]
+    # TRL's math verifier reads the dataset's `solution` column through the keyword arguments.
+    from trl.rewards import accuracy_reward
+
+    answers = [[{"role": "assistant", "content": t}] for t in ("So \\boxed{4}.", "\\boxed{5}", "\\boxed{9}")]
+    verified = call_source(
+        "accuracy_reward",
+        accuracy_reward,
+        prompts,
+        answers,
+        [[1], [2], [3]],
+        {"solution": ["$4$", "$4$", "$9$"]},
+        [0, 0, 1],
+        [0, 1, 0],
+    )
+    assert verified == [1.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize(
