@@ -76,13 +76,21 @@ def load_prompts(config: RewardDataConfig):
 def summary(stats: dict, output_dir: str) -> str:
     """What the run wrote, in a few lines."""
     timings = stats.get("timings", {})
-    seconds = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items())
+    complete = {k: stats["chunks_computed"][k.removesuffix("_s")] == stats["n_chunks"] for k in timings}
+    scored = stats["completions_sampled"] - stats["completions_empty"] - stats["completions_duplicates"]
+    parts = []
+    for key, seconds in timings.items():
+        part = f"{key.removesuffix('_s')} {seconds:.1f} s"
+        if complete[key] and seconds > 0 and key.startswith("scoring/"):
+            part += f" ({scored / seconds:.1f} completions/s)"
+        parts.append(part)
     sampling_s = sum(v for k, v in timings.items() if k.startswith("sampling/"))
-    if all(stats["chunks_computed"][k.removesuffix("_s")] == stats["n_chunks"] for k in timings) and sampling_s > 0:
-        seconds += (
-            f" ({stats['completions_sampled'] / sampling_s:.1f} completions/s, "
-            f"{stats['completion_tokens_sampled'] / sampling_s:.0f} tokens/s sampled)"
+    if sampling_s > 0 and all(v for k, v in complete.items() if k.startswith("sampling/")):
+        parts.append(
+            f"sampling {stats['completions_sampled'] / sampling_s:.1f} completions/s, "
+            f"{stats['completion_tokens_sampled'] / sampling_s:.0f} tokens/s"
         )
+    seconds = "; ".join(parts)
     return (
         f"{stats['prompts_kept']} of {stats['prompts']} prompts kept, {stats['completions_kept']} completions "
         f"({stats['completions_sampled']} sampled; {stats['completions_duplicates']} duplicates, "
