@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trl_nca.demo import pipeline as P
-from trl_nca.demo.task import demonstrate, format_prompt, ideal_answer, parse_prompt, sort_reward
+from trl_nca.demo.task import demonstrate, format_prompt, ideal_answer, parse_prompt, sort_reward, sort_reward_func
 
 PROMPT = format_prompt([7, 3, 9, 3, 1])  # ideal answer "1 3 3 7 9"
 
@@ -76,15 +76,15 @@ def _row(texts, rewards):
     }
 
 
-def test_reward_rows_score_with_the_reward_function():
-    prompts = [P.user_message([3, 1, 2]), P.user_message([9, 0])]
-    rows = P.reward_rows(prompts, [["1 2 3", "3 1 2", "1 2", ""], ["0 9", "9 0", "0 9 9", "x"]])
-    assert [r["rewards"] for r in rows] == [
-        [1.0, sort_reward("Sort ascending: 3 1 2", "3 1 2"), 2 / 3, 0.0],
-        [1.0, 0.5, 2 / 3, 0.0],
-    ]
-    assert rows[0]["completions"][1] == [{"role": "assistant", "content": "3 1 2"}]
-    assert P.trainable_rows(rows) == rows[1:]  # the empty sample leaves its prompt out
+def test_reward_function_is_sort_reward_per_completion():
+    """The demo's reward source, with GRPOTrainer's signature, scores each completion with `sort_reward`."""
+    prompts = [P.user_message([3, 1, 2])] * 4 + [P.user_message([9, 0])] * 4
+    texts = ["1 2 3", "3 1 2", "1 2", "", "0 9", "9 0", "0 9 9", "x"]
+    completions = [P.assistant_message(t) for t in texts]
+    scores = sort_reward_func(prompts=prompts, completions=completions, completion_ids=[[]] * 8, trainer_state=None)
+    assert scores == [sort_reward(p[0]["content"], t) for p, t in zip(prompts, texts)]
+    assert scores == [1.0, sort_reward("Sort ascending: 3 1 2", "3 1 2"), 2 / 3, 0.0, 1.0, 0.5, 2 / 3, 0.0]
+    assert sort_reward_func([p[0]["content"] for p in prompts], texts) == scores  # plain-text prompts too
 
 
 def test_rank_order_and_preference_pairs():
@@ -145,6 +145,8 @@ def _stable(metrics):
 
 @pytest.mark.slow
 def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
+    from datasets import load_from_disk
+
     from trl_nca.demo.run import demo_runtime, main, run_demo
 
     threads = torch.get_num_threads()
@@ -162,16 +164,38 @@ def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
     assert metrics["rank_logp_change"][0] == pytest.approx(metrics["best_logp_change"])
     assert metrics["before"]["best_logp_change"] == pytest.approx(0.0, abs=1e-4)  # SFT vs itself
 
-    # the reward dataset: K responses per prompt, rewards equal to the reward function's
+    # the reward dataset: trl-nca generate's outputs, K responses per prompt, rewards equal to the reward function's
     for split in ("train", "val", "test"):
-        rows = [json.loads(line) for line in (first / "reward_data" / f"{split}.jsonl").read_text().splitlines()]
-        assert len(rows) == P.PRESETS["tiny"].__getattribute__(f"n_{split}")
+        rows = load_from_disk(str(first / "reward_data" / split / "dataset")).to_list()  # data.jsonl: 10 digits
+        stats = json.loads((first / "reward_data" / split / "stats.json").read_text())
+        assert (
+            len(rows)
+            == stats["prompts_kept"]
+            == P.PRESETS["tiny"].__getattribute__(f"n_{split}") - stats["prompts_too_few"]
+        )
         for row in rows:
-            assert len(row["completions"]) == len(row["rewards"]) == 4
+            assert len(row["completions"]) == len(row["rewards"]) == 4 and row["models"] == ["sft"] * 4
             assert row["prompt"][0]["role"] == "user"
             for completion, reward in zip(row["completions"], row["rewards"]):
-                assert completion[0]["role"] == "assistant"
+                assert completion[0]["role"] == "assistant" and completion[0]["content"].strip()
                 assert reward == sort_reward(row["prompt"][0]["content"], completion[0]["content"])
+    # ... which are the SFT model's samples as trl_nca.generation gives them (the same seeds, chunks and batches),
+    # minus the prompts with an empty sample
+    from trl_nca.generation import SamplingOptions, completion_text, generate_completions
+
+    tokenizer = P.build_demo_tokenizer()
+    prompts = [P.user_message(d) for d in P.split_prompts(P.PRESETS["tiny"], 0)["train"]]
+    samples = generate_completions(
+        P.load_model(first / "sft"), tokenizer, prompts, P.K, seed=0, options=SamplingOptions(max_new_tokens=24),
+        batch_size=128, chunk_size=256, show_progress=False,
+    )  # fmt: skip
+    expected = [
+        (prompt, [completion_text(x.completion) for x in xs])
+        for prompt, xs in zip(prompts, samples)
+        if all(completion_text(x.completion).strip() for x in xs)
+    ]
+    train = load_from_disk(str(first / "reward_data" / "train" / "dataset")).to_list()
+    assert [(r["prompt"], [c[0]["content"] for c in r["completions"]]) for r in train] == expected
 
     # the likelihood figure and the probe behind it
     assert (first / "nca" / "likelihood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -187,8 +211,8 @@ def test_demo_end_to_end_artifacts_and_determinism(tmp_path, capsys):
     with demo_runtime(threads=1):
         second = run_demo(tmp_path / "second", size="tiny", show_progress=False, log=lambda *_: None)
     assert _stable(second) == _stable(metrics)
-    assert (tmp_path / "second" / "reward_data" / "train.jsonl").read_text() == (
-        first / "reward_data" / "train.jsonl"
+    assert (tmp_path / "second" / "reward_data" / "train" / "data.jsonl").read_text() == (
+        first / "reward_data" / "train" / "data.jsonl"
     ).read_text()
 
     # DPO baseline on the cached SFT model + data (stages 1-3 are reused, not recomputed)
@@ -223,7 +247,7 @@ def test_demo_progress_bars_say_what_they_are(tmp_path, monkeypatch):
     preset = replace(P.PRESETS["tiny"], n_demos=16, sft_epochs=1, sft_batch=8, align_steps=2, align_batch=2)
     tokenizer = P.build_demo_tokenizer()
     digits = [[random.Random(i).randrange(10) for _ in range(3)] for i in range(preset.n_demos)]
-    P.train_sft(preset, tokenizer, P.sft_dataset_rows(digits, preset, 0), 0, tmp_path / "sft")
+    P.train_sft(preset, tokenizer, P.sft_dataset_rows(digits, preset.p_correct, 0), 0, tmp_path / "sft")
     rows = [_row(["1 2 3", "3 1 2", "1 2", "2 1 3"], [1.0, 0.4, 0.6, 0.3])] * 4
     for method in ("nca", "dpo"):
         hparams = P.DEFAULT_HPARAMS["tiny"][method]
@@ -258,6 +282,31 @@ def test_demo_terminal_output_is_labelled_bars_and_its_own_lines(tmp_path):
     own = ("[seed 0] ", "Evaluating the SFT model", "Aligning with NCA", "trl-nca demo:", "held-out reward")
     own += ("exact answers", "Δ log-likelihood", "ranking accuracy", "wall time")
     assert [line for line in lines if not line.startswith(own)] == []
+
+
+@pytest.mark.slow
+def test_pool_regime_reward_data_comes_from_the_other_models(tmp_path):
+    """`prepare(regime="pool")`: one response per prompt from each pool model (not the policy), scored like the rest."""
+    from dataclasses import replace
+
+    from trl_nca.demo.run import demo_runtime
+
+    preset = replace(P.PRESETS["tiny"], n_demos=32, sft_epochs=1, sft_batch=16, n_train=8, n_val=4, n_test=4)
+    with demo_runtime(threads=1):
+        prep = P.prepare(preset, 0, tmp_path, show_progress=False, log=lambda *_: None, regime="pool")
+    labels = P.pool_model_labels(preset)
+    assert labels == ["sft-p0.1", "sft-p0.4", "sft-p0.7", "sft-p0.95"]
+    assert all((tmp_path / "pool" / label / "config.json").is_file() for label in labels)
+    config = json.loads((tmp_path / "reward_data" / "train" / "generate_config.json").read_text())
+    assert config["model_name_or_path"] == [str(tmp_path / "pool" / label) for label in labels]
+    for split in ("train", "val", "test"):
+        for row in prep.data[split]:
+            assert row["models"] == labels  # the pool's order, one response each
+            assert row["rewards"] == [
+                sort_reward(row["prompt"][0]["content"], c[0]["content"]) for c in row["completions"]
+            ]
+    with pytest.raises(ValueError, match="Unknown regime"):
+        P.prepare(preset, 0, tmp_path, regime="other")
 
 
 def test_demo_rejects_unknown_choices(tmp_path):

@@ -58,11 +58,14 @@ def run_comparison(
     alpha: float = ALPHA,
     tuning_seed: int = TUNING_SEED,
     ablation: bool = True,
+    regime: str = "self",
     show_progress: bool = True,
     log: Any = print,
 ) -> dict[str, Any]:
     """Run tuning, the seeded evaluation and the α=0 ablation; return (and save to `output_dir/results.json`) every
-    measured number. SFT models and reward data are cached per seed under `output_dir/seed{N}`."""
+    measured number. SFT models and reward data are cached per seed under `output_dir/seed{N}`. `regime` says who
+    writes the K responses of the reward data (and of the held-out likelihood probes): the SFT model itself
+    (``"self"``) or a pool of other models (``"pool"``, see `pipeline.prepare`)."""
     import torch
 
     from trl_nca.demo import pipeline as P
@@ -78,7 +81,7 @@ def run_comparison(
 
     def baseline(seed: int, split: str) -> tuple[Any, Any, dict[str, Any]]:
         """Stages 1-3 of `seed` (cached), the SFT model's reference on `split` and the SFT model's own record."""
-        prep = P.prepare(preset, seed, output_dir / f"seed{seed}", show_progress=show_progress, log=log)
+        prep = P.prepare(preset, seed, output_dir / f"seed{seed}", show_progress, log, regime=regime)
         sft = P.load_model(prep.sft_dir)
         reference = P.make_reference(sft, prep.tokenizer, prep.data[split])
         evaluation = P.evaluate_policy(sft, prep.tokenizer, reference, preset, seed, show_progress, f"SFT ({split})")
@@ -130,13 +133,14 @@ def run_comparison(
     for seed in seeds:
         prep, test_ref, sft_record = baseline(seed, "test")
         runs.append(sft_record)
-        trainable = P.trainable_rows(prep.data["train"])
+        trainable = prep.data["train"]
         data_stats[seed] = {
-            "train": P.reward_stats(prep.data["train"]),
-            "n_train_prompts": len(prep.data["train"]),
+            "train": P.reward_stats(trainable),
+            "n_train_prompts": preset.n_train,
             "n_trainable": len(trainable),
             "n_pairs_best_worst": len(P.preference_pairs(trainable, "best_worst")),
             "n_pairs_best_all": len(P.preference_pairs(trainable, "best_all")),
+            "reward_by_model": _reward_by_model(trainable),
             "timings": prep.timings,
         }
         variants = [(m, selected[m], runs) for m in methods]
@@ -149,6 +153,7 @@ def run_comparison(
             sink.append(train_and_evaluate(method, hp, prep, prep.data["val"], test_ref, "test"))
     results = {
         "size": size,
+        "regime": regime,
         "preset": asdict(preset),
         "K": P.K,
         "seeds": list(seeds),
@@ -166,6 +171,22 @@ def run_comparison(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _reward_by_model(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per response writer (the `models` column): mean reward, and the fraction of the prompts with a single best
+    response on which it wrote that response."""
+    by_model: dict[str, list[float]] = {}
+    best: dict[str, int] = {}
+    single = 0
+    for row in rows:
+        for model, reward in zip(row["models"], row["rewards"], strict=True):
+            by_model.setdefault(model, []).append(reward)
+        if row["rewards"].count(max(row["rewards"])) == 1:
+            single += 1
+            top = row["models"][row["rewards"].index(max(row["rewards"]))]
+            best[top] = best.get(top, 0) + 1
+    return {m: {"mean": statistics.fmean(v), "best": best.get(m, 0) / max(1, single)} for m, v in by_model.items()}
 
 
 def _by_method(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -238,7 +259,18 @@ def claims_section(results: dict[str, Any]) -> list[str]:
             "β): " + "; ".join(diffs) + ".",
             "",
         ]
-    # Claim 2: NCA keeps the best response's likelihood, DPO/InfoNCA lower it.
+    lines += claim2_lines(runs)
+    if "nca" in runs:
+        lines += _likelihood_at_equal_hparams(results)
+    return lines
+
+
+def claim2_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Claim 2 (NCA keeps the best response's likelihood, DPO/InfoNCA lower it): per-method changes and the verdict."""
+    from trl_nca.demo.pipeline import METHOD_LABELS
+    from trl_nca.demo.report import mean_std
+
+    lines = []
     lines.append(
         "**Claim 2** (paper, Figure 2 and abstract): DPO and InfoNCA lower the likelihood of the preferred "
         "responses while NCA keeps it from decreasing. Change of log π(best held-out response) vs the SFT model "
@@ -280,8 +312,27 @@ def claims_section(results: dict[str, Any]) -> list[str]:
         else:
             verdict = "not reproduced: NCA is not above every other method on every seed"
         lines += ["", f"Verdict: **{verdict}**.", ""]
-        grid_lines = _likelihood_at_equal_hparams(results)
-        lines += grid_lines
+    return lines
+
+
+def _grid(results: dict[str, Any]) -> dict[tuple[str, float, float], dict[str, Any]]:
+    """The tuning runs keyed by (method, learning rate, β)."""
+    return {
+        (r["method"], r["hparams"]["learning_rate"], r["hparams"]["beta"]): r
+        for r in results["tuning"]
+        if r["method"] != "sft"
+    }
+
+
+def _grid_table(results: dict[str, Any], cell: Any) -> list[str]:
+    """One row per grid point, one column per method; `cell(method, record)` writes a cell."""
+    from trl_nca.demo.pipeline import METHOD_LABELS
+
+    methods, grid = results["methods"], _grid(results)
+    lines = ["| lr | β | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for lr, beta in sorted({(lr, beta) for _, lr, beta in grid}):
+        cells = [cell(m, grid[(m, lr, beta)]) if (m, lr, beta) in grid else "–" for m in methods]
+        lines.append(f"| {lr:g} | {beta:g} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -289,39 +340,29 @@ def _likelihood_at_equal_hparams(results: dict[str, Any]) -> list[str]:
     """Claim 2 at equal hyper-parameters: the tuning runs put every method at every grid point."""
     from trl_nca.demo.pipeline import METHOD_LABELS
 
-    tuning = [r for r in results["tuning"] if r["method"] != "sft"]
-    if not tuning:
+    grid = {key: r["best_logp_change"] for key, r in _grid(results).items()}
+    if not grid:
         return []
-    methods = list(results["methods"])
-    points = sorted({(r["hparams"]["learning_rate"], r["hparams"]["beta"]) for r in tuning})
-    table = {(r["method"], r["hparams"]["learning_rate"], r["hparams"]["beta"]): r["best_logp_change"] for r in tuning}
     summary = []
-    for m in methods:
-        values = [table[(m, lr, beta)] for lr, beta in points if (m, lr, beta) in table]
+    for m in results["methods"]:
+        points = [(lr, beta) for o, lr, beta in grid if o == m]
+        values = [grid[(m, *point)] for point in points]
         highest = sum(
-            1
-            for lr, beta in points
-            if (m, lr, beta) in table
-            and all(table[(m, lr, beta)] >= table[(o, lr, beta)] for o in methods if (o, lr, beta) in table)
+            all(grid[(m, *pt)] >= v for (o, *other), v in grid.items() if other == list(pt)) for pt in points
         )
         summary.append(
             f"- {METHOD_LABELS[m]}: lowers it at {sum(v < 0 for v in values)} of {len(values)} grid points (worst "
             f"{min(values):+.2f}); highest of all methods at {highest} of {len(values)}"
         )
-    lines = [
+    return [
         "The same check at equal hyper-parameters (tuning seed, validation prompts, every grid point of the tuning "
         "grid), change of log π(best validation response) vs SFT in nats:",
         "",
         *summary,
         "",
-        "| lr | β | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
-        "|---|---|" + "---|" * len(methods),
+        *_grid_table(results, lambda m, r: f"{r['best_logp_change']:+.2f}"),
+        "",
     ]
-    for lr, beta in points:
-        cells = [f"{table[(m, lr, beta)]:+.2f}" if (m, lr, beta) in table else "–" for m in methods]
-        lines.append(f"| {lr:g} | {beta:g} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
 
 
 def _tuning_observations(results: dict[str, Any]) -> list[str]:
@@ -350,8 +391,15 @@ def _tuning_observations(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | Path, command: str) -> Path:
-    """Write the Markdown report and its figures (`img_dir`, linked relative to `path`)."""
+def write_results_md(
+    results: dict[str, Any],
+    path: str | Path,
+    img_dir: str | Path,
+    command: str,
+    pool_results: dict[str, Any] | None = None,
+) -> Path:
+    """Write the Markdown report and its figures (`img_dir`, linked relative to `path`); with `pool_results` (the
+    pool regime's results), a section with that regime's claim-2 check, linking to its own report."""
     from trl_nca.demo.pipeline import METHOD_LABELS
     from trl_nca.demo.report import mean_std, plot_final_metrics, plot_grid_likelihood, plot_likelihood_by_method
 
@@ -367,6 +415,8 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
     order = ["sft", *[m for m in ("dpo", "dpo_all", "infonca", "nca") if m in runs]]
     p = results["preset"]
     n_seeds = len(results["seeds"])
+    pool = results.get("regime", "self") == "pool"
+    responses = "pool response" if pool else "SFT sample"
 
     lik_path = plot_likelihood_by_method(
         {m: [r["likelihood"] for r in runs[m]] for m in order if m != "sft"},
@@ -410,10 +460,17 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
         "|---|---|---|---|---|---|---|---|",
     ]
     lines = [
-        "# Results: NCA vs InfoNCA vs DPO on the demo task",
+        "# Results: NCA vs InfoNCA vs DPO on the demo task"
+        + (", responses written by a pool of other models" if pool else ""),
         "",
         "Generated by `scripts/reproduce_results.py` from `results.json`; every number below is measured by that "
-        "script. Task, model and protocol: [demo.md](demo.md).",
+        "script. Task, model and protocol: [demo.md](demo.md)"
+        + (
+            "; this is the protocol of [results.md](results.md) with the reward data (and the held-out responses "
+            "whose likelihood is tracked) written by other models, as in the paper's Figure 2."
+            if pool
+            else "."
+        ),
         "",
         "```",
         command,
@@ -429,11 +486,23 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
         f"- Model: Mistral architecture built in code (hidden {p['hidden_size']}, {p['num_hidden_layers']} layers), "
         f"SFT with `trl.SFTTrainer` on {p['n_demos']} imperfect demonstrations (correct with probability "
         f"{p['p_correct']}), {p['sft_epochs']} epochs. One SFT model per seed, shared by every method.",
-        f"- Reward data: K={results['K']} samples (temperature 1) from the SFT model for each of {p['n_train']} "
-        "training prompts, scored by the reward; the same rows for every method. DPO (best vs worst) trains on the "
-        "best and worst response of each prompt, DPO (best vs each other) on the best against each strictly worse "
-        "one; prompts whose K rewards all tie carry no preference and are skipped by both. Prompts with an empty "
-        "sample (trl-nca's trainers refuse empty assistant turns) are left out for every method: "
+        f"- Reward data: K={results['K']} responses (temperature 1) for each of {p['n_train']} training prompts, "
+        + (
+            "one from each of the pool's models, "
+            + ", ".join(
+                f"SFT models trained like the policy on demonstrations correct with probability {x:g}"
+                if i == 0
+                else f"{x:g}"
+                for i, x in enumerate(p["pool_p_correct"])
+            )
+            + " (their own initialisation and prompts; the policy is not in the pool)"
+            if pool
+            else "sampled from the SFT model"
+        )
+        + ", scored by the reward; the same rows for every method. DPO (best vs worst) trains on the best and worst "
+        "response of each prompt, DPO (best vs each other) on the best against each strictly worse one; prompts "
+        "whose K rewards all tie carry no preference and are skipped by both. Prompts with an empty response "
+        "(trl-nca's trainers refuse empty assistant turns) are dropped for every method: "
         + ", ".join(
             f"{d['n_train_prompts'] - d['n_trainable']} of {d['n_train_prompts']}" for d in results["data"].values()
         )
@@ -447,10 +516,11 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
         f"{p['n_val']} validation prompts of the tuning seed; selection never looks at the likelihood.",
         f"- Evaluation on {p['n_test']} test prompts per seed: reward of {p['eval_samples']} samples per prompt at "
         "temperature 1 (no top-k/top-p, fixed seed) and of greedy decoding; exact = fraction of samples that are "
-        "the sorted list; Δ log π(best) = change of the summed log-likelihood of each test prompt's best SFT sample "
+        f"the sorted list; Δ log π(best) = change of the summed log-likelihood of each test prompt's best {responses} "
         "vs the SFT model; Δ log π(ideal) = the same for the sorted list; ranking accuracy = fraction of test prompts "
-        "(with distinct rewards) where the implicit reward log π/μ is highest on a best-rewarded sample.",
+        f"(with distinct rewards) where the implicit reward log π/μ is highest on a best-rewarded {responses}.",
         "",
+        *_writers_table(results),
         f"## Test results (mean ± std over {n_seeds} seeds)",
         "",
         *header,
@@ -458,7 +528,7 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
         "",
         f"![final metrics]({(rel / bar_path.name).as_posix()})",
         "",
-        "Change of the test log-likelihood by reward rank of the SFT samples (nats, mean over seeds; rank 0 = best):",
+        f"Change of the test log-likelihood by reward rank of the {responses}s (nats, mean over seeds; 0 = best):",
         "",
         "| method | " + " | ".join(f"rank {k}" for k in range(results["K"])) + " |",
         "|---|" + "---|" * results["K"],
@@ -470,7 +540,7 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
         "",
         f"![likelihood by method]({(rel / lik_path.name).as_posix()})",
         "",
-        "The figure tracks the validation prompts' SFT samples during training (the paper's Figure 2 quantity), "
+        f"The figure tracks the validation prompts' {responses}s during training (the paper's Figure 2 quantity), "
         "measured the same way for every trainer.",
         "",
         *claims_section(results),
@@ -494,32 +564,26 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
     lines += [
         f"Mean sampled validation reward per grid point (SFT model: {sft_val:.3f}); selected in bold.",
         "",
-        "| lr | β | " + " | ".join(METHOD_LABELS[m] for m in results["methods"]) + " |",
-        "|---|---|" + "---|" * len(results["methods"]),
     ]
-    points = sorted(
-        {(r["hparams"]["learning_rate"], r["hparams"]["beta"]) for r in results["tuning"] if r["method"] != "sft"}
-    )
-    for lr, beta in points:
-        cells = []
-        for m in results["methods"]:
-            rec = next(
-                (r for r in tuning.get(m, []) if r["hparams"]["learning_rate"] == lr and r["hparams"]["beta"] == beta),
-                None,
-            )
-            sel = results["selected"][m]
-            text = "–" if rec is None else f"{rec['reward_sampled']:.3f}"
-            if rec is not None and sel["learning_rate"] == lr and sel["beta"] == beta:
-                text = f"**{text}**"
-            cells.append(text)
-        lines.append(f"| {lr:g} | {beta:g} | " + " | ".join(cells) + " |")
+
+    def reward_cell(m: str, r: dict[str, Any]) -> str:
+        selected = (results["selected"][m]["learning_rate"], results["selected"][m]["beta"])
+        text = f"{r['reward_sampled']:.3f}"
+        return f"**{text}**" if selected == (r["hparams"]["learning_rate"], r["hparams"]["beta"]) else text
+
+    lines += _grid_table(results, reward_cell)
     lines += ["", *_tuning_observations(results), "", "## Caveats"]
     lines += [
         "",
-        "- The responses are the SFT model's own samples (on-policy), unlike UltraFeedback's responses from other "
-        "models: the best of four samples is often already the SFT model's most likely answer, so its likelihood "
-        "has little room to rise (log π ≤ 0) and a fall is easier to see than a rise. The ideal answer's column shows "
-        "the likelihood of the optimum itself.",
+        "- The responses are written by other models (off-policy), as UltraFeedback's are; but the pool's models are "
+        "the policy's siblings (same architecture, tokenizer, recipe and demonstrator's mistakes), far closer to it "
+        "than GPT-4 or Llama are to Mistral-7B, so the best response starts much less unlikely under the policy."
+        if pool
+        else "- The responses are the SFT model's own samples (on-policy), unlike UltraFeedback's responses from "
+        "other models: the best of four samples is often already the SFT model's most likely answer, so its "
+        "likelihood has little room to rise (log π ≤ 0) and a fall is easier to see than a rise. The ideal answer's "
+        "column shows the likelihood of the optimum itself; [results_pool.md](results_pool.md) repeats the "
+        "protocol with responses from other models.",
         "- Greedy decoding of the SFT model is already close to optimal on this task (the most frequent "
         "demonstration is the correct one), so the greedy column can only show damage; the sampled reward measures "
         "how much probability mass alignment moves onto good answers.",
@@ -527,16 +591,79 @@ def write_results_md(results: dict[str, Any], path: str | Path, img_dir: str | P
         "not the paper's results on 7B chat models (MT-bench, AlpacaEval).",
         "",
     ]
+    if pool_results is not None:
+        lines += _pool_summary(pool_results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
 
 
+def _writers_table(results: dict[str, Any]) -> list[str]:
+    """Who wrote the training responses: per model, mean reward and share of the prompts' best responses."""
+    stats = [d["reward_by_model"] for d in results["data"].values() if d.get("reward_by_model")]
+    if results.get("regime", "self") != "pool" or not stats:
+        return []
+    rows = [
+        f"| {m} | {statistics.fmean(s[m]['mean'] for s in stats):.3f} | "
+        f"{statistics.fmean(s[m]['best'] for s in stats):.2f} |"
+        for m in stats[0]
+    ]
+    return [
+        f"The pool's models on the training prompts (mean over {len(stats)} seeds): mean reward of their responses, "
+        "and the fraction of the prompts with a single best response on which they wrote it.",
+        "",
+        "| writer | mean reward | writes the best |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _pool_summary(pool: dict[str, Any]) -> list[str]:
+    """results.md's section on the pool regime: its claim-2 check (details in results_pool.md)."""
+    from trl_nca.demo.pipeline import METHOD_LABELS
+    from trl_nca.demo.report import mean_std
+
+    runs = _by_method(pool["runs"])
+    sft = mean_std([r["reward_sampled"] for r in runs["sft"]])
+    rewards = "; ".join(
+        f"{METHOD_LABELS[m]} {mean_std([r['reward_sampled'] for r in runs[m]])}"
+        for m in ("dpo", "dpo_all", "infonca", "nca")
+        if m in runs
+    )
+    return [
+        "## Claim 2 with responses written by other models",
+        "",
+        "The paper's Figure 2 measures the likelihood of responses written by other models, not the policy's own "
+        "samples. [results_pool.md](results_pool.md) repeats this protocol (same grid, seeds "
+        f"{', '.join(map(str, pool['seeds']))}, selection on tuning seed {pool['tuning_seed']}) with every response "
+        f"(training data and held-out probes) written by a pool of {len(pool['preset']['pool_p_correct'])} other SFT "
+        "models of different quality, one response each; wall time "
+        f"{pool['wall_s'] / 60:.1f} min, command `{pool.get('command', '')}`. Held-out sampled reward: SFT {sft}; "
+        f"{rewards}.",
+        "",
+        *claim2_lines(runs),
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of the reproduction (shared by `scripts/reproduce_results.py` and `trl-nca demo --compare`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="runs/reproduce", help="runs, caches and results.json")
+    parser.add_argument(
+        "--regime",
+        choices=("self", "pool"),
+        default="self",
+        help="who writes the K responses: the SFT model (self) or 4 other models (pool; writes results_pool.md)",
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="runs, caches and results.json (default: runs/reproduce[-pool])"
+    )
     parser.add_argument("--docs-dir", default=None, help="where results.md and img/ go (default: --output-dir)")
+    parser.add_argument(
+        "--pool-json",
+        default=None,
+        help="a pool-regime results.json whose claim-2 summary goes into results.md (self regime only)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--tuning-seed", type=int, default=TUNING_SEED)
     parser.add_argument("--size", choices=("tiny", "small"), default="small")
@@ -560,6 +687,8 @@ def main(
     from trl_nca.demo.run import demo_runtime
 
     args = build_parser().parse_args(argv)
+    pool = args.regime == "pool"
+    args.output_dir = args.output_dir or ("runs/reproduce-pool" if pool else "runs/reproduce")
     docs_dir = Path(args.docs_dir or default_docs_dir or args.output_dir)
     command = prog + (" " + shlex.join(argv) if argv else "")
     if args.from_json:
@@ -576,11 +705,15 @@ def main(
                 tuning_seed=args.tuning_seed,
                 ablation=not args.no_ablation,
                 show_progress=not args.no_progress,
+                regime=args.regime,
             )
         results["command"] = command
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
-    out = write_results_md(results, docs_dir / "results.md", docs_dir / "img", results.get("command", command))
-    print(f"\nwrote {out} and figures in {docs_dir / 'img'} ({results['wall_s'] / 60:.1f} min)")
+    pool = results.get("regime", "self") == "pool"
+    pool_results = json.loads(Path(args.pool_json).read_text()) if args.pool_json and not pool else None
+    name, img_dir = ("results_pool.md", docs_dir / "img" / "pool") if pool else ("results.md", docs_dir / "img")
+    out = write_results_md(results, docs_dir / name, img_dir, results.get("command", command), pool_results)
+    print(f"\nwrote {out} and figures in {img_dir} ({results['wall_s'] / 60:.1f} min)")
     return 0
 
 

@@ -1,23 +1,24 @@
-"""The demo pipeline, one function per stage: tokenizer and model in code, SFT warm start, K-sample reward data,
+"""The demo pipeline, one function per stage: tokenizer and model in code, SFT warm start, K-response reward data,
 alignment (NCA, InfoNCA or TRL's DPO), evaluation against the ground-truth reward.
 
-Every stage is deterministic under its seed (CPU, fixed batch sizes) and uses TRL / transformers for the heavy lifting:
-`trl.SFTTrainer` for the warm start, `model.generate` for sampling, `trl.DPOTrainer` or trl-nca's trainers for
-alignment. `trl_nca.demo.run` (the `trl-nca demo` command) and `trl_nca.demo.compare` (the reproduction) call these.
+Every stage is deterministic under its seed (CPU, fixed batch sizes) and reuses TRL and trl-nca's library modules:
+`trl.SFTTrainer` for the warm start, `trl_nca.reward_data.build_reward_dataset` (the `trl-nca generate` machinery) for
+the reward data, `trl_nca.generation` for sampling, `trl.DPOTrainer` or trl-nca's trainers for alignment.
+`trl_nca.demo.run` (`trl-nca demo`) and `trl_nca.demo.compare` (the reproduction) call these.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -29,6 +30,7 @@ from trl_nca.demo.task import (
     make_prompts,
     parse_prompt,
     sort_reward,
+    sort_reward_func,
     tokenizer_corpus,
 )
 
@@ -41,7 +43,9 @@ METHOD_LABELS = {
     "dpo": "DPO (best vs worst)",
     "dpo_all": "DPO (best vs each other)",
 }
-END_OF_TURN = "<|end|>"
+REGIMES = ("self", "pool")
+# The "pool" regime's response writers: SFT models trained like the policy on demonstrators of these accuracies.
+POOL_P_CORRECT = (0.1, 0.4, 0.7, 0.95)
 
 
 @dataclass(frozen=True)
@@ -73,53 +77,41 @@ class Preset:
     probe_every: int
     # evaluation: sampled responses per held-out prompt
     eval_samples: int = 4
+    # the "pool" regime's response writers (see `prepare`): demonstrator accuracy of each
+    pool_p_correct: tuple[float, ...] = POOL_P_CORRECT
 
 
+# "small": the default demo and the reproduction. "tiny": the whole pipeline in well under a minute, for the tests.
+_SMALL = Preset(
+    name="small",
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    min_len=3,
+    max_len=7,
+    n_demos=6000,
+    sft_epochs=3,
+    sft_lr=3e-3,
+    sft_batch=64,
+    p_correct=0.4,
+    n_train=1024,
+    n_val=128,
+    n_test=256,
+    align_steps=64,
+    align_batch=16,
+    probe_every=8,
+)
+# fmt: off
 PRESETS: dict[str, Preset] = {
-    # Used by the tests: the whole pipeline in well under a minute on one core.
-    "tiny": Preset(
-        name="tiny",
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        min_len=3,
-        max_len=5,
-        n_demos=512,
-        sft_epochs=2,
-        sft_lr=3e-3,
-        sft_batch=64,
-        p_correct=0.4,
-        n_train=64,
-        n_val=16,
-        n_test=32,
-        align_steps=8,
-        align_batch=8,
-        probe_every=4,
-        eval_samples=2,
+    "tiny": replace(
+        _SMALL, name="tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        max_len=5, n_demos=512, sft_epochs=2, n_train=64, n_val=16, n_test=32, align_steps=8, align_batch=8,
+        probe_every=4, eval_samples=2,
     ),
-    # The default demo and the reproduction.
-    "small": Preset(
-        name="small",
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        min_len=3,
-        max_len=7,
-        n_demos=6000,
-        sft_epochs=3,
-        sft_lr=3e-3,
-        sft_batch=64,
-        p_correct=0.4,
-        n_train=1024,
-        n_val=128,
-        n_test=256,
-        align_steps=64,
-        align_batch=16,
-        probe_every=8,
-    ),
+    "small": _SMALL,
 }
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -193,11 +185,14 @@ def split_prompts(preset: Preset, seed: int) -> dict[str, list[list[int]]]:
     }
 
 
-def sft_dataset_rows(digit_lists: Sequence[Sequence[int]], preset: Preset, seed: int) -> list[dict[str, Any]]:
-    """Conversational prompt/completion rows from the imperfect demonstrator (`task.demonstrate`)."""
-    rng = random.Random(f"{seed}-demonstrator")
+def sft_dataset_rows(
+    digit_lists: Sequence[Sequence[int]], p_correct: float, seed: int, name: str = "demonstrator"
+) -> list[dict[str, Any]]:
+    """Conversational prompt/completion rows from an imperfect demonstrator (`task.demonstrate`) that is right with
+    probability `p_correct`; `name` keys its random stream."""
+    rng = random.Random(f"{seed}-{name}")
     return [
-        {"prompt": user_message(d), "completion": assistant_message(demonstrate(d, rng, preset.p_correct))}
+        {"prompt": user_message(d), "completion": assistant_message(demonstrate(d, rng, p_correct))}
         for d in digit_lists
     ]
 
@@ -209,6 +204,7 @@ def train_sft(
     seed: int,
     output_dir: str | Path,
     show_progress: bool = True,
+    label: str = "SFT warm start",
 ) -> PreTrainedModel:
     """Build a random-init Mistral-architecture model and fine-tune it with `trl.SFTTrainer` on `demo_rows`.
 
@@ -252,7 +248,7 @@ def train_sft(
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(demo_rows), processing_class=tokenizer
     )
-    quiet_logs(trainer, "SFT warm start")
+    quiet_logs(trainer, label)
     trainer.train()
     model = trainer.model.eval()
     model.save_pretrained(output_dir)
@@ -276,90 +272,50 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
 
 
-@torch.no_grad()
-def generate_completions(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+SAMPLING_SEED_STRIDE = 100  # split i of seed s is sampled with seed s * 100 + i
+
+
+def reward_dataset(
+    model_dirs: Sequence[str | Path],
     prompts: Sequence[list[dict[str, str]]],
-    num_samples: int,
-    *,
     seed: int,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    max_new_tokens: int = 24,
-    batch_size: int = 128,
-    desc: str = "Sampling",
+    output_dir: str | Path,
     show_progress: bool = True,
-) -> list[list[str]]:
-    """Generate `num_samples` responses per conversational prompt with `model.generate` (ancestral sampling at
-    `temperature`, no top-k/top-p truncation, or greedy if `do_sample=False`). Returns the assistant texts, cut at the
-    end-of-turn marker. Deterministic under `seed` for a fixed `batch_size`."""
-    from trl.trainer.utils import pad
+    desc: str = "",
+) -> list[dict[str, Any]]:
+    """K = `K` responses per conversational prompt from the model(s) in `model_dirs` (one model: K samples; a pool:
+    an equal share each), scored by `task.sort_reward_func`: `trl_nca.reward_data.build_reward_dataset` with the demo's
+    sampling settings (temperature 1, no truncation, 24 new tokens). Every prompt keeps all K responses, empty ones
+    excepted: a prompt with an empty response (trl-nca's trainers refuse empty assistant turns) is dropped. Returns the
+    rows (`prompt`, `completions`, `rewards`, `models`, `rewards_sort_reward_func`); `output_dir` gets the library's
+    outputs (`dataset/`, `data.jsonl`, `stats.json`, the dataset card)."""
+    from datasets import Dataset
 
-    torch.manual_seed(seed)
-    model.eval()
-    stop_ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]
-    outputs: list[list[str]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress, leave=False):
-        encoded = [
-            torch.tensor(_prompt_ids(tokenizer, p, add_generation_prompt=True))
-            for p in prompts[start : start + batch_size]
-        ]
-        input_ids = pad(encoded, padding_value=tokenizer.pad_token_id, padding_side="left")
-        attention_mask = pad([torch.ones_like(e) for e in encoded], padding_value=0, padding_side="left")
-        sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else {}
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            do_sample=do_sample,
-            **sampling,
-        )[:, input_ids.shape[1] :].tolist()
-        texts = []
-        for ids in generated:
-            cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-            texts.append(tokenizer.decode(ids[:cut], skip_special_tokens=True).strip())
-        outputs.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
-    return outputs
+    from trl_nca.config import RewardDataConfig
+    from trl_nca.reward_data import build_reward_dataset
 
-
-def reward_rows(prompts: Sequence[list[dict[str, str]]], completions: Sequence[list[str]]) -> list[dict[str, Any]]:
-    """Score sampled completions with the ground-truth reward: rows in trl-nca's conversational reward format."""
-    return [
-        {
-            "prompt": prompt,
-            "completions": [assistant_message(t) for t in texts],
-            "rewards": [sort_reward(prompt[0]["content"], t) for t in texts],
-        }
-        for prompt, texts in zip(prompts, completions, strict=True)
-    ]
-
-
-def save_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Write one JSON object per line."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file written by `save_jsonl`."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def trainable_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The reward rows every method trains on: those whose K sampled responses are all non-empty.
-
-    An empty sample (the model ended its turn at once) is a legitimate response with reward 0, but trl-nca's trainers
-    refuse empty assistant turns, so such prompts (rare: about 0.1% with the small preset) are left out for every
-    method alike rather than only for some.
-    """
-    return [r for r in rows if all(c[0]["content"].strip() for c in r["completions"])]
+    config = RewardDataConfig(
+        output_dir=str(output_dir),
+        model_name_or_path=[str(d) for d in model_dirs],
+        num_completions=K,
+        reward_funcs=[f"{sort_reward_func.__module__}:{sort_reward_func.__name__}"],
+        dtype="float32",
+        temperature=1.0,
+        max_new_tokens=24,
+        seed=seed,
+        generation_batch_size=128,
+        chunk_size=256,
+        min_completions=K,
+        deduplicate=False,
+        overwrite=True,
+    )
+    dataset, _ = build_reward_dataset(
+        config,
+        Dataset.from_dict({"prompt": list(prompts)}),
+        reward_funcs=[sort_reward_func],
+        show_progress=show_progress,
+    )
+    return dataset.to_list()
 
 
 def rank_order(rewards: Sequence[float]) -> list[int]:
@@ -503,7 +459,7 @@ def align(
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
     set_seed(seed)
-    train_rows = trainable_rows(train_rows)
+    train_rows = [{k: r[k] for k in ("prompt", "completions", "rewards")} for r in train_rows]
     model, ref_model = load_model(sft_dir).train(), load_model(sft_dir)
     probe = RankLikelihoodProbe(tokenizer, probe_rows, preset.probe_every) if probe_rows else None
     common = dict(
@@ -613,19 +569,19 @@ def evaluate_policy(
       log π/μ is highest on a best-rewarded response (`rewards/accuracies` in the trainers' logs); `None` for the SFT
       model itself, whose implicit rewards are all zero.
     """
+    from trl_nca.generation import SamplingOptions, completion_text, generate_completions
+
     prompts = [r["prompt"] for r in reference.rows]
-    sampled = generate_completions(
-        model,
-        tokenizer,
-        prompts,
-        preset.eval_samples,
-        seed=seed + 10_007,
-        desc=f"{desc} (sampled)",
-        show_progress=show_progress,
-    )
-    greedy = generate_completions(
-        model, tokenizer, prompts, 1, seed=seed, do_sample=False, desc=f"{desc} (greedy)", show_progress=show_progress
-    )
+
+    def texts(options: SamplingOptions, n: int, seed: int, kind: str) -> list[list[str]]:
+        samples = generate_completions(
+            model, tokenizer, prompts, n, seed=seed, options=options, batch_size=128, chunk_size=256,
+            desc=f"{desc} ({kind})", show_progress=show_progress,
+        )  # fmt: skip
+        return [[completion_text(x.completion).strip() for x in xs] for xs in samples]
+
+    sampled = texts(SamplingOptions(temperature=1.0, max_new_tokens=24), preset.eval_samples, seed + 10_007, "sampled")
+    greedy = texts(SamplingOptions(max_new_tokens=24, do_sample=False), 1, seed, "greedy")
     rewards_sampled = [sort_reward(p[0]["content"], t) for p, ts in zip(prompts, sampled) for t in ts]
     rewards_greedy = [sort_reward(p[0]["content"], ts[0]) for p, ts in zip(prompts, greedy)]
     delta = completion_logps(model, tokenizer, reference.rows) - reference.logps
@@ -670,22 +626,46 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def prepare(preset: Preset, seed: int, workdir: str | Path, show_progress: bool = True, log: Any = print) -> Prepared:
-    """Stages 1-3 for one seed, cached in `workdir`: tokenizer, SFT model (`workdir/sft`) and the K-sample reward
-    datasets (`workdir/reward_data/{train,val,test}.jsonl`). A cache is reused only if its `meta.json` matches."""
+def pool_model_labels(preset: Preset) -> list[str]:
+    """Names of the "pool" regime's response writers (folders under `workdir/pool/`)."""
+    return [f"sft-p{p:g}" for p in preset.pool_p_correct]
+
+
+def prepare(
+    preset: Preset,
+    seed: int,
+    workdir: str | Path,
+    show_progress: bool = True,
+    log: Any = print,
+    regime: str = "self",
+) -> Prepared:
+    """Stages 1-3 for one seed, cached in `workdir`: tokenizer, SFT model (`workdir/sft`) and the K-response reward
+    datasets (`workdir/reward_data/{train,val,test}/`, written by `reward_dataset`). A cache is reused only if its
+    `meta.json` matches.
+
+    `regime` says who writes the K responses: ``"self"``, K samples from the SFT model (the policy) itself;
+    ``"pool"``, one response each from K other models (`workdir/pool/`), SFT models of the same size and recipe
+    trained on demonstrators of different accuracy (`preset.pool_p_correct`) from their own initialisations and
+    prompts, as UltraFeedback's responses come from models other than the one being aligned.
+    """
+    from datasets import load_from_disk
     from transformers import AutoTokenizer
 
+    if regime not in REGIMES:
+        raise ValueError(f"Unknown regime {regime!r}; choose from {REGIMES}.")
     workdir = Path(workdir)
     sft_dir, data_dir = workdir / "sft", workdir / "reward_data"
-    meta = {"preset": asdict(preset), "seed": seed, "K": K, "format": 1}
+    meta = json.loads(json.dumps({"preset": asdict(preset), "seed": seed, "K": K, "regime": regime, "format": 2}))
     meta_path = workdir / "meta.json"
     splits = ("train", "val", "test")
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         log(f"[seed {seed}] reusing the cached SFT model and reward data in {workdir}")
         tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-        data = {s: load_jsonl(data_dir / f"{s}.jsonl") for s in splits}
+        data = {s: load_from_disk(str(data_dir / s / "dataset")).to_list() for s in splits}
         return Prepared(seed, preset, sft_dir, tokenizer, data)
 
+    meta_path.unlink(missing_ok=True)
+    shutil.rmtree(data_dir, ignore_errors=True)  # sampled by a model that is about to be retrained
     timings = {}
     t0 = time.perf_counter()
     set_seed(seed)
@@ -693,25 +673,25 @@ def prepare(preset: Preset, seed: int, workdir: str | Path, show_progress: bool 
     prompts = split_prompts(preset, seed)
     n_demos = len(prompts["sft"])
     log(f"[seed {seed}] SFT warm start on {n_demos} imperfect demonstrations (p_correct={preset.p_correct})")
-    sft_model = train_sft(
-        preset, tokenizer, sft_dataset_rows(prompts["sft"], preset, seed), seed, sft_dir, show_progress=show_progress
-    )
+    demos = sft_dataset_rows(prompts["sft"], preset.p_correct, seed)
+    train_sft(preset, tokenizer, demos, seed, sft_dir, show_progress=show_progress)
+    writers = [sft_dir]
+    if regime == "pool":
+        writers = []
+        for j, (label, p_correct) in enumerate(zip(pool_model_labels(preset), preset.pool_p_correct)):
+            log(f"[seed {seed}] pool model {label}: SFT on demonstrations with p_correct={p_correct}")
+            pool_seed = seed * SAMPLING_SEED_STRIDE + 10 + j
+            digits = make_prompts(preset.n_demos, random.Random(f"{seed}-pool{j}"), preset.min_len, preset.max_len)
+            rows = sft_dataset_rows(digits, p_correct, seed, name=f"pool{j}")
+            writers.append(workdir / "pool" / label)
+            train_sft(preset, tokenizer, rows, pool_seed, writers[-1], show_progress=show_progress, label=label)
     timings["sft_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = {}
     for i, split in enumerate(splits):
         messages = [user_message(d) for d in prompts[split]]
-        completions = generate_completions(
-            sft_model,
-            tokenizer,
-            messages,
-            K,
-            seed=seed * 100 + i,
-            desc=f"Sampling K={K} ({split})",
-            show_progress=show_progress,
-        )
-        data[split] = reward_rows(messages, completions)
-        save_jsonl(data[split], data_dir / f"{split}.jsonl")
+        split_seed = seed * SAMPLING_SEED_STRIDE + i
+        data[split] = reward_dataset(writers, messages, split_seed, data_dir / split, show_progress=show_progress)
     timings["sampling_s"] = time.perf_counter() - t0
     meta_path.write_text(json.dumps(meta))
     return Prepared(seed, preset, sft_dir, tokenizer, data, timings)

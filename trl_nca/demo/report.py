@@ -28,6 +28,14 @@ def _figure(ncols: int, width: float = 5.0, height: float = 3.6) -> tuple[Any, l
     return fig, list(axes)
 
 
+def _save(fig: Any, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def rank_label(k: int, n: int) -> str:
     """Legend label of reward rank k of n (0 = best)."""
     if k == 0:
@@ -51,11 +59,7 @@ def plot_likelihood(history: Sequence[dict[str, Any]], path: str | Path, title: 
     ax_delta.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax_delta.set(xlabel="training step", ylabel="change from the SFT model (nats)", title="Δ log π(y|x) vs SFT")
     ax_abs.legend(fontsize=8)
-    fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_likelihood_by_method(histories: dict[str, list[list[dict[str, Any]]]], path: str | Path, title: str) -> Path:
@@ -84,11 +88,7 @@ def plot_likelihood_by_method(histories: dict[str, list[list[dict[str, Any]]]], 
     for ax in axes:
         ax.set_ylim(min(lows) - 0.3, max(highs) + 0.3)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_final_metrics(summary: dict[str, dict[str, list[float]]], path: str | Path, title: str) -> Path:
@@ -113,11 +113,7 @@ def plot_final_metrics(summary: dict[str, dict[str, list[float]]], path: str | P
             ax.set_ylim(max(0.0, low - 0.05), 1.0)
         else:
             ax.axhline(0.0, color="grey", lw=0.8)
-    fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_grid_likelihood(
@@ -146,11 +142,7 @@ def plot_grid_likelihood(
         ax.set_ylim(min(lows), max(highs))
     axes[0].set_ylabel("Δ log π(best) vs SFT (nats)")
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, title)
 
 
 def fmt(x: float | None, digits: int = 3, signed: bool = False) -> str:
@@ -185,7 +177,7 @@ def write_demo_report(metrics: dict[str, Any], path: str | Path) -> Path:
         f"({metrics['model']['parameters']:,} parameters) was built in code, warm-started with `trl.SFTTrainer` on "
         f"{metrics['sft']['n_demos']} imperfect demonstrations (correct with probability "
         f"{metrics['sft']['p_correct']}), then sampled K={metrics['K']} times on {data['n_train_prompts']} training "
-        f"prompts; those scored samples (`reward_data/train.jsonl`) were used to align it with {label}.",
+        f"prompts; those scored samples (`reward_data/train/data.jsonl`) were used to align it with {label}.",
         "",
         f"Hyper-parameters: learning rate {hp['learning_rate']}, β = {hp['beta']}"
         + (f", α = {hp['alpha']}" if metrics["trainer"] in ("nca", "infonca") else "")

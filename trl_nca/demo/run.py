@@ -174,7 +174,7 @@ def run_demo(
         "after": after,
         "timings": timings,
     }
-    results_dir = results_folder(output_dir, trainer)
+    results_dir = output_dir / trainer
     results_dir.mkdir(parents=True, exist_ok=True)
     plot_likelihood(
         result.likelihood,
@@ -187,18 +187,13 @@ def run_demo(
     return metrics
 
 
-def results_folder(output_dir: str | Path, trainer: str) -> Path:
-    """Where a demo run of `trainer` writes its results: `output_dir/trainer`."""
-    return Path(output_dir) / trainer
-
-
 def summary_text(metrics: dict[str, Any], output_dir: str | Path) -> str:
     """The short summary printed at the end of a demo run."""
     from trl_nca.demo.pipeline import METHOD_LABELS
 
     ranks = ", ".join(f"{x:+.2f}" for x in metrics["rank_logp_change"])
     acc = metrics["ranking_accuracy"]
-    report = results_folder(output_dir, metrics["trainer"]) / "report.md"
+    report = Path(output_dir) / metrics["trainer"] / "report.md"
     return "\n".join(
         [
             "",

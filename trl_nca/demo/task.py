@@ -79,6 +79,17 @@ def sort_reward(prompt: str, response: str) -> float:
     return _lcs_length(tokens, target) / max(len(tokens), len(target))
 
 
+def sort_reward_func(prompts: Sequence, completions: Sequence, **kwargs: object) -> list[float]:
+    """`sort_reward` as a reward function with `trl.GRPOTrainer`'s signature (the demo's reward source for
+    `trl_nca.reward_data.build_reward_dataset`): conversational prompts (the last message is the user's) and
+    completions (assistant messages), or plain text."""
+
+    def text(x: str | list[dict]) -> str:
+        return x if isinstance(x, str) else x[-1]["content"]
+
+    return [sort_reward(text(p), text(c)) for p, c in zip(prompts, completions, strict=True)]
+
+
 def demonstrate(digits: Sequence[int], rng: random.Random, p_correct: float) -> str:
     """An imperfect demonstration: the ideal answer with probability `p_correct`, otherwise one or two mistakes."""
     answer = sorted(digits)
