@@ -709,3 +709,29 @@ def test_generate_recipe_runs_with_tiny_models(recipe, tmp_path, tokenizer):
     assert set(dataset[0]["models"]) <= set(config.model_names or [Path(m).name for m in models])
     for row in dataset:
         assert all(math.isfinite(r) for r in row["rewards"])
+
+
+@pytest.mark.slow
+def test_the_documented_three_commands_run_on_a_fresh_checkout(tmp_path):
+    """docs/reward_data.md's offline example, command by command as written (in a folder with the recipes)."""
+    text = (REPO / "docs" / "reward_data.md").read_text()
+    section = text.split("## Try it on a CPU, offline")[1].split("```bash")[1].split("```")[0]
+    commands = [c.split("  #")[0].strip() for c in section.replace("\\\n", " ").splitlines() if c.strip()]
+    assert [c.split()[:2] for c in commands] == [
+        ["python", "-m"],
+        ["trl-nca", "generate"],
+        ["trl-nca", "train"],
+        ["trl-nca", "plot"],
+    ]
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    bin_dir = str(Path(sys.executable).parent)
+    env = _env(PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
+    for command in commands:
+        result = subprocess.run(
+            command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    data = load_from_disk(str(tmp_path / "runs" / "tiny" / "reward-data" / "dataset"))
+    assert len(data) == 8 and all(len(r) == 4 for r in data["rewards"])
+    assert (tmp_path / "runs" / "tiny" / "nca" / "model.safetensors").is_file()
+    assert list((tmp_path / "runs" / "tiny" / "nca" / "plots").glob("*.png"))
