@@ -735,3 +735,29 @@ def test_the_documented_three_commands_run_on_a_fresh_checkout(tmp_path):
     assert len(data) == 8 and all(len(r) == 4 for r in data["rewards"])
     assert (tmp_path / "runs" / "tiny" / "nca" / "model.safetensors").is_file()
     assert list((tmp_path / "runs" / "tiny" / "nca" / "plots").glob("*.png"))
+
+
+def test_push_to_hub_pushes_the_dataset_and_its_card(tmp_path, pool_dirs, monkeypatch):
+    import huggingface_hub
+
+    pushed = {}
+    monkeypatch.setattr(
+        Dataset, "push_to_hub", lambda self, repo_id, **kw: pushed.update(rows=len(self), repo=repo_id, **kw)
+    )
+    monkeypatch.setattr(
+        huggingface_hub.DatasetCard,
+        "push_to_hub",
+        lambda self, repo_id, **kw: pushed.update(card=self.content, card_repo=repo_id),
+    )
+    config = _config(tmp_path, pool_dirs, push_to_hub=True, hub_dataset_id="me/reward-data", hub_private=True)
+    dataset, _ = build_reward_dataset(
+        config,
+        Dataset.from_list(_conversational(2)),
+        reward_funcs=[lambda prompts, completions, **kw: [1.0] * len(completions)],
+        show_progress=False,
+    )
+    assert pushed["repo"] == pushed["card_repo"] == "me/reward-data" and pushed["private"] is True
+    assert pushed["rows"] == len(dataset) == 2
+    assert pushed["card"] == (tmp_path / "out" / "README.md").read_text() and "policy_a" in pushed["card"]
+    with pytest.raises(ValueError, match="needs `hub_dataset_id`"):
+        _config(tmp_path, pool_dirs, push_to_hub=True)
