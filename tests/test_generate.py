@@ -18,10 +18,9 @@ import yaml
 from conftest import cpu_args
 from datasets import Dataset, load_from_disk
 
-from trl_nca import NCAConfig, NCATrainer
-from trl_nca.config import RewardDataConfig
+from trl_nca import NCAConfig, NCATrainer, RewardDataConfig, build_reward_dataset
 from trl_nca.generation import SamplingOptions, TransformersSampler, VLLMSampler, generate_completions, keyed_seed
-from trl_nca.reward_data import ResumeError, build_reward_dataset
+from trl_nca.reward_data import ResumeError
 from trl_nca.scoring import RewardFunctionError, RewardModel, call_source, combine_scores, load_reward_function
 from trl_nca.tiny import build_tiny_model, build_tiny_reward_model
 

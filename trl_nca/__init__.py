@@ -16,13 +16,25 @@ _LAZY = {
     "NCAConfig": ".config",
     "InfoNCATrainer": ".trainer",
     "NCATrainer": ".trainer",
+    "RewardDataConfig": ".config",
+    "build_reward_dataset": ".reward_data",
 }
 
-__all__ = ["DataCollatorForKWayReward", "InfoNCAConfig", "InfoNCATrainer", "NCAConfig", "NCATrainer", "__version__"]
+__all__ = [
+    "DataCollatorForKWayReward",
+    "InfoNCAConfig",
+    "InfoNCATrainer",
+    "NCAConfig",
+    "NCATrainer",
+    "RewardDataConfig",
+    "__version__",
+    "build_reward_dataset",
+]
 
 if TYPE_CHECKING:
     from .collator import DataCollatorForKWayReward
-    from .config import InfoNCAConfig, NCAConfig
+    from .config import InfoNCAConfig, NCAConfig, RewardDataConfig
+    from .reward_data import build_reward_dataset
     from .trainer import InfoNCATrainer, NCATrainer
 
 
