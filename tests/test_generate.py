@@ -461,6 +461,15 @@ def test_a_different_configuration_is_not_resumed(tmp_path, pool_dirs):
     )
     assert stats["chunks_computed"]["sampling/policy_a"] == 1  # started over
 
+    def other_score(prompts, completions, **kwargs):
+        return [0.0] * len(completions)
+
+    # Sources passed as callables are part of the recorded configuration too (by name).
+    with pytest.raises(ResumeError, match=r"`reward_sources`: \['<lambda>'\] there, \['other_score'\] now"):
+        build_reward_dataset(_config(tmp_path, pool_dirs, temperature=0.5), prompts, reward_funcs=[other_score])
+    with pytest.raises(ValueError, match="`reward_funcs` is required"):
+        build_reward_dataset(_config(tmp_path, pool_dirs, reward_funcs=[]), prompts)
+
 
 def test_config_checks():
     with pytest.raises(ValueError, match="sum to `num_completions`"):

@@ -240,9 +240,10 @@ class RewardDataConfig:
             Extra arguments of `apply_chat_template` for conversational prompts (e.g. `{"enable_thinking": false}`),
             for the samplers and the reward models.
         reward_funcs (`list[str]`):
-            Reward sources, in order: reward models (a model id or folder with an `AutoModelForSequenceClassification`
-            of one label) and reward functions with `trl.GRPOTrainer`'s signature given as `module:function` or
-            `path/to/file.py:function`.
+            Reward sources, in order: reward models (a model id or folder with an
+            `AutoModelForSequenceClassification` of one label) and reward functions with `trl.GRPOTrainer`'s signature
+            given as `module:function` or `path/to/file.py:function`. Required, unless `build_reward_dataset` is given
+            the sources as callables.
         reward_weights (`list[float]`, *optional*):
             Weight of each source in the `rewards` column (defaults to 1 each). Each source's raw scores are kept in a
             `rewards_<name>` column.
@@ -316,8 +317,6 @@ class RewardDataConfig:
             self.reward_funcs = [self.reward_funcs]
         if not self.model_name_or_path:
             raise ValueError("`model_name_or_path` is required: the model that samples, or a list of models.")
-        if not self.reward_funcs:
-            raise ValueError("`reward_funcs` is required: reward models and/or `module:function` reward functions.")
         if self.backend not in _BACKENDS:
             raise ValueError(f"`backend` must be one of {_BACKENDS}, got {self.backend!r}.")
         n_models = len(self.model_name_or_path)
@@ -337,7 +336,11 @@ class RewardDataConfig:
                 f"`completions_per_model` {self.completions_per_model} must be non-negative and sum to "
                 f"`num_completions` ({self.num_completions})."
             )
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+        if (
+            self.reward_funcs
+            and self.reward_weights is not None
+            and len(self.reward_weights) != len(self.reward_funcs)
+        ):
             raise ValueError(
                 f"`reward_weights` has {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward sources."
             )

@@ -90,12 +90,13 @@ class ChunkStore:
             return json.load(handle)
 
 
-def check_resumable(config: RewardDataConfig, output_dir: Path) -> None:
-    """Record the configuration in `output_dir`, or check that it equals the recorded one (else `ResumeError`, or a
-    fresh start with `overwrite`)."""
+def check_resumable(config: RewardDataConfig, output_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """Record the configuration (and `extra`, e.g. the names of reward sources given as callables) in `output_dir`, or
+    check that it equals the recorded one (else `ResumeError`, or a fresh start with `overwrite`)."""
     import shutil
 
     settings = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY_FIELDS}
+    settings.update(extra or {})
     state = output_dir / STATE_FILE
     if state.is_file():
         recorded = json.loads(state.read_text())
@@ -328,18 +329,20 @@ def build_reward_dataset(
     state = distributed_state()
     output_dir = Path(config.output_dir)
     sources = list(reward_funcs if reward_funcs is not None else config.reward_funcs)
+    if not sources:
+        raise ValueError("`reward_funcs` is required: reward models and/or `module:function` reward functions.")
     weights = list(config.reward_weights or [1.0] * len(sources))
     if len(weights) != len(sources):
         raise ValueError(f"`reward_weights` has {len(weights)} weights for {len(sources)} reward sources.")
     prompts = _checked_prompts(prompts, config)
+    labels, names = model_labels(config), source_labels(sources)
     if state.is_main_process:
-        check_resumable(config, output_dir)
+        check_resumable(config, output_dir, {"reward_sources": names})
     state.wait_for_everyone()
     store = ChunkStore(output_dir / "chunks")
     columns = [c for c in prompts.column_names if c != "prompt"]
     n_prompts, size = len(prompts), config.chunk_size
     n_chunks = math.ceil(n_prompts / size)
-    labels, names = model_labels(config), source_labels(sources)
     timings: dict[str, float] = {}
     work_done: dict[str, int] = {}
 

@@ -46,6 +46,8 @@ def parse_args(argv: Sequence[str]) -> RewardDataConfig:
     if flags:
         name = flags[0].split("=", 1)[0]
         raise UsageError(f"unknown flag `{name}`{did_you_mean(name, parser.option_names())}.")
+    if not config.reward_funcs:
+        raise UsageError("`reward_funcs` is required: reward model ids/folders and/or `module:function` functions.")
     return config
 
 
