@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 # A minimal chat template in the Zephyr style: every turn is "<|role|>\n{content}<|end|>\n". It renders a prompt with
 # `add_generation_prompt=True` as a strict token prefix of the same prompt followed by an assistant turn, which is what
@@ -81,7 +81,7 @@ def build_tokenizer(
     return tokenizer
 
 
-def build_tiny_model(
+def tiny_config(
     tokenizer: PreTrainedTokenizerFast,
     architecture: str = "mistral",
     hidden_size: int = 64,
@@ -89,13 +89,9 @@ def build_tiny_model(
     num_attention_heads: int = 4,
     num_key_value_heads: int = 2,
     intermediate_size: int | None = None,
-    attn_implementation: str = "sdpa",
-    seed: int = 0,
     **overrides,
-) -> PreTrainedModel:
-    """A random-init causal LM of the given architecture (`mistral`, `mixtral`, `llama`, `qwen2`) sized for a CPU."""
-    import torch
-
+) -> PretrainedConfig:
+    """The config of a tiny model of `architecture` (`mistral`, `mixtral`, `llama`, `qwen2`) for `tokenizer`."""
     if architecture not in TINY_ARCHITECTURES:
         raise ValueError(f"Unknown architecture {architecture!r}; choose from {sorted(TINY_ARCHITECTURES)}.")
     kwargs = dict(TINY_ARCHITECTURES[architecture])
@@ -114,7 +110,21 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
     )
     kwargs.update(overrides)
-    config = AutoConfig.for_model(model_type, **kwargs)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    architecture: str = "mistral",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    **config_kwargs,
+) -> PreTrainedModel:
+    """A random-init causal LM of the given architecture (`mistral`, `mixtral`, `llama`, `qwen2`) sized for a CPU;
+    `config_kwargs` are `tiny_config`'s sizes and any config overrides."""
+    import torch
+
+    config = tiny_config(tokenizer, architecture, **config_kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -131,31 +141,15 @@ def _stop_ids(tokenizer: PreTrainedTokenizerFast) -> int | list[int]:
 
 
 def build_tiny_reward_model(
-    tokenizer: PreTrainedTokenizerFast,
-    architecture: str = "mistral",
-    hidden_size: int = 32,
-    num_hidden_layers: int = 1,
-    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast, architecture: str = "mistral", seed: int = 0, **config_kwargs
 ) -> PreTrainedModel:
-    """A random-init `AutoModelForSequenceClassification` with one label (a reward model) sized for a CPU."""
+    """A random-init `AutoModelForSequenceClassification` with one label (a reward model) sized for a CPU (by default
+    hidden size 32, one layer)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = dict(TINY_ARCHITECTURES[architecture])
-    model_type = kwargs.pop("model_type")
-    kwargs.update(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = AutoConfig.for_model(model_type, **kwargs)
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_labels=1)
+    config = tiny_config(tokenizer, architecture, **{**sizes, **config_kwargs})
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
 
