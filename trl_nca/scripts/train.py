@@ -101,6 +101,16 @@ class NCAScriptArguments(ScriptArguments):
         callbacks (`list[str]`, *optional*):
             Extra ``transformers.TrainerCallback`` classes, as ``"module.path:ClassName"`` import strings; each is
             instantiated without arguments and added to the trainer.
+        ref_model_name_or_path (`str`, *optional*):
+            The reference model μ, when it is not the policy's own starting point: a Hub id or a local model folder,
+            loaded with the policy's model arguments (``dtype``, ``attn_implementation``, ``trust_remote_code``,
+            ``model_init_kwargs`` and the quantization of ``load_in_4bit`` / ``load_in_8bit``; not
+            ``model_revision``, which names a revision of the policy's repository) and passed to the trainer as
+            ``ref_model``. By default (unset) the reference is a frozen copy of the policy's initial weights, TRL's
+            default (with PEFT: the base model with the adapter disabled). It must share the policy's vocabulary.
+            It works under DeepSpeed and FSDP (the trainer wraps it as TRL's own reference) and with PEFT (the
+            adapter then trains against this model instead of the adapter-free base, at the memory cost of a second
+            copy, quantized like the policy). ``trl-nca iterate`` sets it for ``reference: initial``.
         accelerate_config (`str`, *optional*):
             Launcher-only: the accelerate config ``trl-nca train`` launches with, a path or a bundled name
             (``recipes/accelerate_configs/NAME.yaml``: ``zero3``, ``ddp``, ``cpu_zero3``, ...). Ignored by the script.
@@ -123,6 +133,10 @@ class NCAScriptArguments(ScriptArguments):
     callbacks: list[str] | None = field(
         default=None,
         metadata={"help": "Extra TrainerCallback classes as 'module.path:ClassName' (instantiated without args)."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Reference model (Hub id or folder), loaded like the policy; default: the policy's start."},
     )
     accelerate_config: str | None = field(
         default=None,
@@ -492,6 +506,49 @@ def _check_model_path(name: str) -> None:
         )
 
 
+def load_reference_model(name: str, training_args: TrainingArguments, model_args: ModelConfig) -> Any:
+    """The reference model ``ref_model_name_or_path``, loaded as the trainer loads the policy.
+
+    Same ``model_init_kwargs`` (dtype, attention, ``trust_remote_code``; without the policy's ``revision``), the same
+    quantization config and, under DDP/DeepSpeed, ``device_map=None`` (as `trl.DPOTrainer` loads a model given by
+    name; under ZeRO-3 it is partitioned as it loads, like the policy). A missing local folder or a vocabulary that
+    differs from the policy's is a `trl_nca.cli.UsageError`, raised before any weights are read.
+    """
+    from transformers import AutoConfig
+    from trl import get_quantization_config
+    from trl.trainer.utils import create_model_from_path
+
+    from trl_nca.cli import UsageError
+
+    path = Path(name).expanduser()
+    if (path.is_absolute() or name.startswith((".", "~"))) and not path.is_dir():
+        raise UsageError(
+            f"ref_model_name_or_path: the folder {name} does not exist (a local model folder or a Hub id)."
+        )
+    trust = training_args.trust_remote_code
+    policy_config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust
+    )
+    ref_config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+    policy_vocab = getattr(policy_config.get_text_config(), "vocab_size", None)
+    ref_vocab = getattr(ref_config.get_text_config(), "vocab_size", None)
+    if policy_vocab != ref_vocab:
+        raise UsageError(
+            f"ref_model_name_or_path: {name} has a vocabulary of {ref_vocab} tokens and the policy "
+            f"{model_args.model_name_or_path} one of {policy_vocab}; the reference scores the policy's tokens, so it "
+            "must share its tokenizer."
+        )
+    kwargs = dict(training_args.model_init_kwargs or {})
+    kwargs.pop("revision", None)  # a revision of the policy's repository
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if training_args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", trust)
+    return create_model_from_path(name, **kwargs)
+
+
 def main(script_args: NCAScriptArguments, training_args: TrainingArguments, model_args: ModelConfig) -> Trainer:
     """Load the data and the model, train with the chosen trainer, save (and push when asked); return the trainer."""
     from trl import get_peft_config, get_quantization_config
@@ -528,9 +585,19 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
             eval_format = check_dataset_format(eval_dataset, fmt, script_args.dataset_test_split)
             eval_dataset = convert_dataset_format(eval_dataset, eval_format, num_proc)
 
+    ref_model = None
+    if script_args.ref_model_name_or_path:
+        ref_model = load_reference_model(script_args.ref_model_name_or_path, training_args, model_args)
+        reference = f"{script_args.ref_model_name_or_path} (ref_model_name_or_path)"
+    else:
+        reference = f"the initial weights of the policy {model_args.model_name_or_path}"
+    if _is_main_process():
+        print(f"Reference model: {reference}", flush=True)
+
     trainer_cls = get_trainer_class(script_args.trainer)
     trainer = trainer_cls(
         model=model_args.model_name_or_path,
+        ref_model=ref_model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
