@@ -20,7 +20,7 @@ from trl_nca.scripts import iterate
 from trl_nca.tiny import build_tiny_model, build_tiny_reward_model, build_tokenizer, save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RECIPE = REPO / "recipes" / "tiny" / "iterate.yml"
+TINY_RECIPE = REPO / "recipes" / "tiny" / "iterate.yaml"
 ITERATE_RECIPES = sorted((REPO / "recipes").rglob("iterate*.y*ml"))
 
 
@@ -32,7 +32,7 @@ def _one_error_line(capsys) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A folder holding what recipes/tiny/iterate.yml names: `policy/`, `reward_model/`, `prompts.jsonl`."""
+    """A folder holding what recipes/tiny/iterate.yaml names: `policy/`, `reward_model/`, `prompts.jsonl`."""
     root = tmp_path_factory.mktemp("iterate")
     tokenizer = build_tokenizer()
     save_tiny(str(root / "policy"), num_hidden_layers=1)

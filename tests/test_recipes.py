@@ -28,9 +28,12 @@ from trl_nca.scripts.train import main, make_parser, parse_args
 REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "recipes"
 ACCELERATE_DIR = RECIPES_DIR / "accelerate_configs"
-# Training recipes; `generate*.yaml` are `trl-nca generate` configs, tested in test_generate.py.
+# Training recipes; `generate*.yaml` and `iterate*.yaml` are `trl-nca generate` / `trl-nca iterate` configs, tested in
+# test_generate.py and test_iterate.py.
 RECIPES = sorted(
-    p for p in RECIPES_DIR.rglob("*.yaml") if ACCELERATE_DIR not in p.parents and not p.stem.startswith("generate")
+    p
+    for p in RECIPES_DIR.rglob("*.yaml")
+    if ACCELERATE_DIR not in p.parents and not p.stem.startswith(("generate", "iterate"))
 )
 GPU_RECIPES = [p for p in RECIPES if p.parent.name != "tiny"]
 ACCELERATE_CONFIGS = sorted(ACCELERATE_DIR.glob("*.yaml"))

@@ -275,3 +275,20 @@ def test_streamed_dataset_trains(tmp_path, tokenizer, make_model):
             train_dataset=bad.to_iterable_dataset(),
             processing_class=tokenizer,
         ).train()
+
+
+def test_card_names_a_reference_model_other_than_the_policy(tmp_path, tokenizer, make_model):
+    policy, ref = make_model(), make_model(seed=1)
+    policy.config._name_or_path, ref.config._name_or_path = "org/policy", "org/initial-sft"
+    trainer = NCATrainer(
+        policy,
+        ref_model=ref,
+        args=cpu_args(NCAConfig, tmp_path),
+        train_dataset=Dataset.from_list(reward_rows(n=2)),
+        processing_class=tokenizer,
+    )
+    trainer.create_model_card(model_name="m")
+    assert "`org/initial-sft` (frozen)" in (tmp_path / "README.md").read_text()
+    ref.config._name_or_path = "org/policy"  # the usual case: a copy of the policy's starting weights
+    trainer.create_model_card(model_name="m")
+    assert "a frozen copy of the initial model" in (tmp_path / "README.md").read_text()

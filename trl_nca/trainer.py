@@ -205,6 +205,17 @@ class _KWayRewardTrainer(DPOTrainer):
         )
 
     # ------------------------------------------------------------------------------------------------ model card
+    def _reference_description(self) -> str:
+        """The reference model for the card: the policy's starting weights, or the other model the user passed."""
+        names = []
+        for model in (self.model, self.ref_model):
+            config = getattr(self.accelerator.unwrap_model(model), "config", None)
+            names.append(getattr(config, "_name_or_path", "") or "")
+        policy_name, ref_name = names
+        if not ref_name or ref_name == policy_name:
+            return "a frozen copy of the initial model"
+        return f"`{ref_name}` (frozen)"
+
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card plus the NCA/InfoNCA hyper-parameters (α, β, K, losses, layout) and trl-nca's version."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
@@ -218,7 +229,7 @@ class _KWayRewardTrainer(DPOTrainer):
         elif self.ref_model is None:
             reference = "the base model with the adapter disabled"
         else:
-            reference = "a frozen copy of the initial model"
+            reference = self._reference_description()
         ks = self._responses_per_prompt()
         layout = getattr(self.data_collator, "layout", "custom collator")
         global_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
