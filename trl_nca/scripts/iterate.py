@@ -138,27 +138,12 @@ def make_parser(prog: str | None = "trl-nca iterate") -> ScriptParser:
 
 def parse_args(argv: Sequence[str]) -> IterateConfig:
     """Parse ``[CONFIG.yaml] [--flag value ...]``; a mistake is a `trl_nca.cli.UsageError` naming the closest key."""
-    from trl_nca.cli import UsageError, did_you_mean
+    from trl_nca.cli import UsageError
 
     args = normalize_argv(argv)
     if not args:
         raise UsageError("no config given: usage: trl-nca iterate CONFIG.yaml [--flag value ...] (-h for the fields)")
-    parser = make_parser()
-    try:
-        config, unknown_keys, unknown_flags = parser.parse_args_and_config(
-            args, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except UsageError:
-        raise
-    except ValueError as error:  # IterateConfig's own checks, a malformed config file
-        raise UsageError(str(error)) from None
-    if unknown_keys:
-        key = unknown_keys[0].lstrip("-")
-        raise UsageError(f"unknown key `{key}` in the config{did_you_mean(key, parser.field_names())}.")
-    flags = [token for token in unknown_flags if token.startswith("-")] or unknown_flags
-    if flags:
-        name = flags[0].split("=", 1)[0]
-        raise UsageError(f"unknown flag `{name}`{did_you_mean(name, parser.option_names())}.")
+    (config,) = make_parser().parse_strictly(args, what="config")
     return config
 
 

@@ -250,6 +250,28 @@ class ScriptParser(TrlParser):
         """Every flag, spelled out."""
         return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
 
+    def parse_strictly(self, args: Sequence[str], what: str = "recipe") -> tuple:
+        """``parse_args_and_config`` that accepts nothing unknown: an unknown key of the YAML file (`what`), an unknown
+        flag, a bad value or a failed dataclass check is a `UsageError` naming the closest known name."""
+        from trl_nca.cli import UsageError, did_you_mean
+
+        try:
+            *parsed, unknown_keys, unknown_flags = self.parse_args_and_config(
+                list(args), return_remaining_strings=True, separate_remaining_strings=True
+            )
+        except UsageError:
+            raise
+        except ValueError as error:  # the dataclasses' own checks (e.g. alpha < 0) and a malformed file
+            raise UsageError(str(error)) from None
+        if unknown_keys:
+            key = unknown_keys[0].lstrip("-")
+            raise UsageError(f"unknown key `{key}` in the {what}{did_you_mean(key, self.field_names())}.")
+        flags = [token for token in unknown_flags if token.startswith("-")] or unknown_flags
+        if flags:
+            name = flags[0].split("=", 1)[0]
+            raise UsageError(f"unknown flag `{name}`{did_you_mean(name, self.option_names())}.")
+        return tuple(parsed)
+
 
 def make_parser(trainer: str = "nca", prog: str | None = None) -> ScriptParser:
     """``TrlParser`` over (`NCAScriptArguments`, the trainer's config class, `trl.ModelConfig`)."""
@@ -262,26 +284,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NCAScriptArguments, T
     Unknown YAML keys, unknown flags and invalid values raise `trl_nca.cli.UsageError` (with the closest known key),
     so typos in a recipe fail before any model is loaded.
     """
-    from trl_nca.cli import UsageError, did_you_mean
-
     args = normalize_argv(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(peek_trainer(args))
-    try:
-        *parsed, unknown_keys, unknown_flags = parser.parse_args_and_config(
-            args, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except UsageError:
-        raise
-    except ValueError as error:  # the configs' own checks (e.g. alpha < 0) and a malformed recipe
-        raise UsageError(str(error)) from None
-    if unknown_keys:
-        key = unknown_keys[0].lstrip("-")
-        raise UsageError(f"unknown key `{key}` in the recipe{did_you_mean(key, parser.field_names())}.")
-    flags = [token for token in unknown_flags if token.startswith("-")] or unknown_flags
-    if flags:
-        name = flags[0].split("=", 1)[0]
-        raise UsageError(f"unknown flag `{name}`{did_you_mean(name, parser.option_names())}.")
-    script_args, training_args, model_args = parsed
+    script_args, training_args, model_args = make_parser(peek_trainer(args)).parse_strictly(args)
     return script_args, training_args, model_args
 
 
