@@ -467,6 +467,10 @@ def test_a_different_configuration_is_not_resumed(tmp_path, pool_dirs):
     # Sources passed as callables are part of the recorded configuration too (by name).
     with pytest.raises(ResumeError, match=r"`reward_sources`: \['<lambda>'\] there, \['other_score'\] now"):
         build_reward_dataset(_config(tmp_path, pool_dirs, temperature=0.5), prompts, reward_funcs=[other_score])
+    with pytest.raises(ResumeError, match="`prompts_sha256`"):  # other prompts, same settings
+        build_reward_dataset(
+            _config(tmp_path, pool_dirs, temperature=0.5), Dataset.from_list(_conversational(4)), reward_funcs=score
+        )
     with pytest.raises(ValueError, match="`reward_funcs` is required"):
         build_reward_dataset(_config(tmp_path, pool_dirs, reward_funcs=[]), prompts)
 

@@ -105,10 +105,14 @@ def check_resumable(config: RewardDataConfig, output_dir: Path, extra: dict[str,
             return
         if not config.overwrite:
             key = changed[0]
+            what = (
+                "other prompts (`prompts_sha256`: the dataset's rows differ)"
+                if key == "prompts_sha256"
+                else f"a different configuration (`{key}`: {recorded.get(key)!r} there, {settings.get(key)!r} now)"
+            )
             raise ResumeError(
-                f"{output_dir} holds a run with a different configuration (`{key}`: {recorded.get(key)!r} there, "
-                f"{settings.get(key)!r} now); re-run with the same settings to resume it, or pass --overwrite true "
-                "or another --output_dir."
+                f"{output_dir} holds a run with {what}; re-run with the same settings to resume it, or pass "
+                "--overwrite true or another --output_dir."
             )
         shutil.rmtree(output_dir / "chunks", ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +341,7 @@ def build_reward_dataset(
     prompts = _checked_prompts(prompts, config)
     labels, names = model_labels(config), source_labels(sources)
     if state.is_main_process:
-        check_resumable(config, output_dir, {"reward_sources": names})
+        check_resumable(config, output_dir, {"reward_sources": names, "prompts_sha256": _fingerprint(prompts)})
     state.wait_for_everyone()
     store = ChunkStore(output_dir / "chunks")
     columns = [c for c in prompts.column_names if c != "prompt"]
@@ -426,6 +430,16 @@ def build_reward_dataset(
     write_outputs(dataset, stats, config, labels, list(zip(names, specs, weights, strict=True)), output_dir)
     state.wait_for_everyone()
     return dataset, stats
+
+
+def _fingerprint(prompts: Any) -> str:
+    """A hash of the prompts and their other columns: a resumed run must see the same rows."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for batch in prompts.iter(batch_size=1024):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _checked_prompts(prompts: Any, config: RewardDataConfig) -> Any:
