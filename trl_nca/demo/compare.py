@@ -546,6 +546,7 @@ def write_results_md(
         *claims_section(results),
         f"![likelihood vs hyper-parameters]({(rel / grid_path.name).as_posix()})",
         "",
+        *(_pool_summary(pool_results) if pool_results is not None else []),
     ]
     if ablation:
         lines += [
@@ -575,9 +576,11 @@ def write_results_md(
     lines += ["", *_tuning_observations(results), "", "## Caveats"]
     lines += [
         "",
-        "- The responses are written by other models (off-policy), as UltraFeedback's are; but the pool's models are "
-        "the policy's siblings (same architecture, tokenizer, recipe and demonstrator's mistakes), far closer to it "
-        "than GPT-4 or Llama are to Mistral-7B, so the best response starts much less unlikely under the policy."
+        "- The responses are written by other models, as UltraFeedback's are, but the pool's models are the policy's "
+        "siblings (same architecture, tokenizer, SFT recipe and kinds of mistakes; their own initialisation, "
+        "demonstrations and accuracy), far closer to it than the LLMs behind UltraFeedback are to a 7B SFT model. "
+        "The best of the four responses is often the sorted list itself, so Δ log π(best) and Δ log π(ideal) "
+        "overlap more than with the policy's own samples."
         if pool
         else "- The responses are the SFT model's own samples (on-policy), unlike UltraFeedback's responses from "
         "other models: the best of four samples is often already the SFT model's most likely answer, so its "
@@ -591,8 +594,6 @@ def write_results_md(
         "not the paper's results on 7B chat models (MT-bench, AlpacaEval).",
         "",
     ]
-    if pool_results is not None:
-        lines += _pool_summary(pool_results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
@@ -643,6 +644,7 @@ def _pool_summary(pool: dict[str, Any]) -> list[str]:
         f"{rewards}.",
         "",
         *claim2_lines(runs),
+        *_likelihood_at_equal_hparams(pool),
     ]
 
 

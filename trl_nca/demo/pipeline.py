@@ -129,9 +129,9 @@ DEFAULT_HPARAMS: dict[str, dict[str, AlignHParams]] = {
     "tiny": {method: AlignHParams(learning_rate=1e-3, beta=0.1, alpha=0.1) for method in METHODS},
     "small": {
         "nca": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
-        "infonca": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
+        "infonca": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
         "dpo": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
-        "dpo_all": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
+        "dpo_all": AlignHParams(learning_rate=1e-3, beta=2.0, alpha=0.1),
     },
 }
 
