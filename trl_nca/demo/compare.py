@@ -29,6 +29,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from trl_nca.demo.pipeline import METHOD_LABELS
+from trl_nca.demo.report import mean_std
+
 DEFAULT_SEEDS = (0, 1, 2)
 TUNING_SEED = 1000
 GRID_LR = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
@@ -174,19 +177,12 @@ def run_comparison(
 
 
 def _reward_by_model(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per response writer (the `models` column): mean reward, and the fraction of the prompts with a single best
-    response on which it wrote that response."""
+    """Mean reward of each response writer (the `models` column)."""
     by_model: dict[str, list[float]] = {}
-    best: dict[str, int] = {}
-    single = 0
     for row in rows:
         for model, reward in zip(row["models"], row["rewards"], strict=True):
             by_model.setdefault(model, []).append(reward)
-        if row["rewards"].count(max(row["rewards"])) == 1:
-            single += 1
-            top = row["models"][row["rewards"].index(max(row["rewards"]))]
-            best[top] = best.get(top, 0) + 1
-    return {m: {"mean": statistics.fmean(v), "best": best.get(m, 0) / max(1, single)} for m, v in by_model.items()}
+    return {m: {"mean": statistics.fmean(v)} for m, v in by_model.items()}
 
 
 def _by_method(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -214,9 +210,6 @@ def _verdict(diffs: list[float]) -> str:
 
 def claims_section(results: dict[str, Any]) -> list[str]:
     """The paper's two claims checked against the measured numbers (text generated from them, not written by hand)."""
-    from trl_nca.demo.pipeline import METHOD_LABELS
-    from trl_nca.demo.report import mean_std
-
     runs = _by_method(results["runs"])
     lines = ["## Did the paper's claims reproduce?", ""]
     # Claim 1: reward-based (K-way) methods beat DPO on binarized pairs.
@@ -267,9 +260,6 @@ def claims_section(results: dict[str, Any]) -> list[str]:
 
 def claim2_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Claim 2 (NCA keeps the best response's likelihood, DPO/InfoNCA lower it): per-method changes and the verdict."""
-    from trl_nca.demo.pipeline import METHOD_LABELS
-    from trl_nca.demo.report import mean_std
-
     lines = []
     lines.append(
         "**Claim 2** (paper, Figure 2 and abstract): DPO and InfoNCA lower the likelihood of the preferred "
@@ -326,8 +316,6 @@ def _grid(results: dict[str, Any]) -> dict[tuple[str, float, float], dict[str, A
 
 def _grid_table(results: dict[str, Any], cell: Any) -> list[str]:
     """One row per grid point, one column per method; `cell(method, record)` writes a cell."""
-    from trl_nca.demo.pipeline import METHOD_LABELS
-
     methods, grid = results["methods"], _grid(results)
     lines = ["| lr | β | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
     for lr, beta in sorted({(lr, beta) for _, lr, beta in grid}):
@@ -336,10 +324,9 @@ def _grid_table(results: dict[str, Any], cell: Any) -> list[str]:
     return lines
 
 
-def _likelihood_at_equal_hparams(results: dict[str, Any]) -> list[str]:
-    """Claim 2 at equal hyper-parameters: the tuning runs put every method at every grid point."""
-    from trl_nca.demo.pipeline import METHOD_LABELS
-
+def _likelihood_at_equal_hparams(results: dict[str, Any], table: bool = True) -> list[str]:
+    """Claim 2 at equal hyper-parameters: the tuning runs put every method at every grid point (a summary per method,
+    and with `table` the value at every grid point)."""
     grid = {key: r["best_logp_change"] for key, r in _grid(results).items()}
     if not grid:
         return []
@@ -360,15 +347,12 @@ def _likelihood_at_equal_hparams(results: dict[str, Any]) -> list[str]:
         "",
         *summary,
         "",
-        *_grid_table(results, lambda m, r: f"{r['best_logp_change']:+.2f}"),
-        "",
+        *(_grid_table(results, lambda m, r: f"{r['best_logp_change']:+.2f}") + [""] if table else []),
     ]
 
 
 def _tuning_observations(results: dict[str, Any]) -> list[str]:
     """Sensitivity of each method to the grid, and whether a selected point lies on the grid's edge."""
-    from trl_nca.demo.pipeline import METHOD_LABELS
-
     tuning = _by_method(results["tuning"])
     lines = ["Spread of the validation reward over the grid (worst … best grid point):", ""]
     for m in results["methods"]:
@@ -400,8 +384,7 @@ def write_results_md(
 ) -> Path:
     """Write the Markdown report and its figures (`img_dir`, linked relative to `path`); with `pool_results` (the
     pool regime's results), a section with that regime's claim-2 check, linking to its own report."""
-    from trl_nca.demo.pipeline import METHOD_LABELS
-    from trl_nca.demo.report import mean_std, plot_final_metrics, plot_grid_likelihood, plot_likelihood_by_method
+    from trl_nca.demo.report import plot_final_metrics, plot_grid_likelihood, plot_likelihood_by_method
 
     path, img_dir = Path(path), Path(img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -600,38 +583,18 @@ def write_results_md(
 
 
 def _writers_table(results: dict[str, Any]) -> list[str]:
-    """Who wrote the training responses: per model, mean reward and share of the prompts' best responses."""
+    """Who wrote the training responses, and how well: mean reward per pool model."""
     stats = [d["reward_by_model"] for d in results["data"].values() if d.get("reward_by_model")]
     if results.get("regime", "self") != "pool" or not stats:
         return []
-    rows = [
-        f"| {m} | {statistics.fmean(s[m]['mean'] for s in stats):.3f} | "
-        f"{statistics.fmean(s[m]['best'] for s in stats):.2f} |"
-        for m in stats[0]
-    ]
-    return [
-        f"The pool's models on the training prompts (mean over {len(stats)} seeds): mean reward of their responses, "
-        "and the fraction of the prompts with a single best response on which they wrote it.",
-        "",
-        "| writer | mean reward | writes the best |",
-        "|---|---|---|",
-        *rows,
-        "",
-    ]
+    rewards = ", ".join(f"{m} {statistics.fmean(s[m]['mean'] for s in stats):.3f}" for m in stats[0])
+    return [f"Mean reward of each pool model's training responses (mean over {len(stats)} seeds): {rewards}.", ""]
 
 
 def _pool_summary(pool: dict[str, Any]) -> list[str]:
     """results.md's section on the pool regime: its claim-2 check (details in results_pool.md)."""
-    from trl_nca.demo.pipeline import METHOD_LABELS
-    from trl_nca.demo.report import mean_std
-
     runs = _by_method(pool["runs"])
-    sft = mean_std([r["reward_sampled"] for r in runs["sft"]])
-    rewards = "; ".join(
-        f"{METHOD_LABELS[m]} {mean_std([r['reward_sampled'] for r in runs[m]])}"
-        for m in ("dpo", "dpo_all", "infonca", "nca")
-        if m in runs
-    )
+    rewards = "; ".join(f"{METHOD_LABELS[m]} {mean_std([r['reward_sampled'] for r in runs[m]])}" for m in runs)
     return [
         "## Claim 2 with responses written by other models",
         "",
@@ -640,11 +603,10 @@ def _pool_summary(pool: dict[str, Any]) -> list[str]:
         f"{', '.join(map(str, pool['seeds']))}, selection on tuning seed {pool['tuning_seed']}) with every response "
         f"(training data and held-out probes) written by a pool of {len(pool['preset']['pool_p_correct'])} other SFT "
         "models of different quality, one response each; wall time "
-        f"{pool['wall_s'] / 60:.1f} min, command `{pool.get('command', '')}`. Held-out sampled reward: SFT {sft}; "
-        f"{rewards}.",
+        f"{pool['wall_s'] / 60:.1f} min, command `{pool.get('command', '')}`. Held-out sampled reward: {rewards}.",
         "",
         *claim2_lines(runs),
-        *_likelihood_at_equal_hparams(pool),
+        *_likelihood_at_equal_hparams(pool, table=False),
     ]
 
 

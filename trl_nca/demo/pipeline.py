@@ -626,11 +626,6 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def pool_model_labels(preset: Preset) -> list[str]:
-    """Names of the "pool" regime's response writers (folders under `workdir/pool/`)."""
-    return [f"sft-p{p:g}" for p in preset.pool_p_correct]
-
-
 def prepare(
     preset: Preset,
     seed: int,
@@ -678,7 +673,8 @@ def prepare(
     writers = [sft_dir]
     if regime == "pool":
         writers = []
-        for j, (label, p_correct) in enumerate(zip(pool_model_labels(preset), preset.pool_p_correct)):
+        for j, p_correct in enumerate(preset.pool_p_correct):
+            label = f"sft-p{p_correct:g}"  # the pool's models are saved in workdir/pool/LABEL
             log(f"[seed {seed}] pool model {label}: SFT on demonstrations with p_correct={p_correct}")
             pool_seed = seed * SAMPLING_SEED_STRIDE + 10 + j
             digits = make_prompts(preset.n_demos, random.Random(f"{seed}-pool{j}"), preset.min_len, preset.max_len)
