@@ -603,7 +603,8 @@ def _pool_summary(pool: dict[str, Any]) -> list[str]:
         f"{', '.join(map(str, pool['seeds']))}, selection on tuning seed {pool['tuning_seed']}) with every response "
         f"(training data and held-out probes) written by a pool of {len(pool['preset']['pool_p_correct'])} other SFT "
         "models of different quality, one response each; wall time "
-        f"{pool['wall_s'] / 60:.1f} min, command `{pool.get('command', '')}`. Held-out sampled reward: {rewards}.",
+        f"{pool['wall_s'] / 60:.1f} min, command `{pool.get('command', '')}`. Held-out sampled reward: {rewards}. "
+        "This section is rendered from that run's results.json by `--pool-json` (see scripts/reproduce_results.py).",
         "",
         *claim2_lines(runs),
         *_likelihood_at_equal_hparams(pool, table=False),
