@@ -524,8 +524,8 @@ def align(
 class Reference:
     """What evaluation needs from the SFT model on a held-out split, computed once and shared by all methods."""
 
-    rows: list[dict[str, Any]]  # held-out prompts with K SFT samples and their rewards
-    logps: torch.Tensor  # (N, K) SFT log-likelihood of those samples
+    rows: list[dict[str, Any]]  # held-out prompts with K responses and their rewards
+    logps: torch.Tensor  # (N, K) SFT log-likelihood of those responses
     ideal_rows: list[dict[str, Any]]  # the same prompts with the ideal answer as the only completion
     ideal_logps: torch.Tensor  # (N, 1)
 
@@ -563,8 +563,8 @@ def evaluate_policy(
     - `reward_sampled`: mean reward of `preset.eval_samples` responses per prompt, sampled at temperature 1 with a
       fixed seed (the distribution the KL-regularised objectives shape); `reward_greedy`: greedy decoding.
     - `best_logp_change`: mean change (nats, summed over tokens) of the log-likelihood of each prompt's best held-out
-      SFT sample; `rank_logp_change`: the same for every rank (best ... worst); `ideal_logp_change`: for the ideal
-      answer (the sorted list), which the SFT samples may not contain.
+      response (an SFT sample, or a pool model's response); `rank_logp_change`: the same for every rank (best ...
+      worst); `ideal_logp_change`: for the ideal answer (the sorted list), which the responses may not contain.
     - `ranking_accuracy`: fraction of held-out prompts (with at least two distinct rewards) where the implicit reward
       log π/μ is highest on a best-rewarded response (`rewards/accuracies` in the trainers' logs); `None` for the SFT
       model itself, whose implicit rewards are all zero.
