@@ -547,7 +547,9 @@ def write_outputs(
 ) -> None:
     """`dataset/` (save_to_disk), `data.jsonl`, `stats.json`, the `README.md` card; the Hub push if asked."""
     dataset.save_to_disk(str(output_dir / "dataset"))
-    dataset.to_json(str(output_dir / "data.jsonl"), lines=True, force_ascii=False)
+    with open(output_dir / "data.jsonl", "w") as handle:  # json, not to_json: floats keep all their digits
+        for row in dataset:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     (output_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     card = dataset_card(config, labels, sources, stats)
     (output_dir / "README.md").write_text(card)
