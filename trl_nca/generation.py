@@ -69,12 +69,11 @@ def completion_text(completion: str | list[dict[str, Any]]) -> str:
     return "".join(str(message.get("content") or "") for message in completion)
 
 
-def stop_token_ids(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS and every id of the model's
-    `generation_config.eos_token_id`."""
+def stop_token_ids(generation_config: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and every id of `generation_config.eos_token_id` (the
+    model's generation config; `None` when the model has none)."""
     ids: list[int] = []
     candidates: list[Any] = [tokenizer.eos_token_id]
-    generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         candidates.append(generation_config.eos_token_id)
     for candidate in candidates:
@@ -161,7 +160,7 @@ class TransformersSampler(Sampler):
         self.chat_template_kwargs = chat_template_kwargs
         self.tools = tools
         self.name = name
-        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_ids = stop_token_ids(model.generation_config, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
 
@@ -249,8 +248,7 @@ class VLLMSampler(Sampler):
             generation_config = GenerationConfig.from_pretrained(model_name_or_path)
         except OSError:
             generation_config = None
-        holder = type("_Holder", (), {"generation_config": generation_config})()
-        self.stop_ids = stop_token_ids(holder, tokenizer)
+        self.stop_ids = stop_token_ids(generation_config, tokenizer)
 
     def _generate(self, prompts: Sequence[Prompt], num_samples: int, seed: int) -> list[list[Sample]]:
         conversational = is_conversational({"prompt": prompts[0]})

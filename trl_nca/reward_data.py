@@ -124,22 +124,6 @@ def check_resumable(config: RewardDataConfig, output_dir: Path, extra: dict[str,
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _broadcast(value: Any, state: Any) -> Any:
-    if state.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
-
-
-def _gather(value: Any, state: Any) -> list[Any]:
-    if state.num_processes == 1:
-        return [value]
-    from accelerate.utils import gather_object
-
-    return gather_object([value])
-
-
 def run_stage(
     store: ChunkStore,
     stage: str,
@@ -156,9 +140,11 @@ def run_stage(
     commits each result as it is gathered. `read_input(chunk)` (main process only: the other processes never read
     `output_dir`) supplies each chunk's input; `before_work` (e.g. loading a model) runs only if some chunk is pending.
     Returns the number of chunks computed now."""
-    pending = _broadcast(
-        [c for c in range(n_chunks) if not store.has(stage, index, c)] if state.is_main_process else None, state
-    )
+    from accelerate.utils import broadcast_object_list, gather_object  # both pass through in a single process
+
+    main = state.is_main_process
+    uncommitted = [c for c in range(n_chunks) if not store.has(stage, index, c)] if main else None
+    pending = broadcast_object_list([uncommitted])[0]
     if not pending:
         return 0
     if before_work is not None:
@@ -175,12 +161,12 @@ def run_stage(
             chunks = pending[start : start + world]
             inputs = None
             if read_input is not None:
-                inputs = _broadcast([read_input(c) for c in chunks] if state.is_main_process else None, state)
+                inputs = broadcast_object_list([[read_input(c) for c in chunks] if main else None])[0]
             result = None
             if rank < len(chunks):
                 result = (chunks[rank], work(chunks[rank], inputs[rank] if inputs is not None else None))
-            for item in _gather(result, state):
-                if item is not None and state.is_main_process:
+            for item in gather_object([result]):
+                if item is not None and main:
                     store.write(stage, index, item[0], item[1])
             bar.update(len(chunks))
     state.wait_for_everyone()
