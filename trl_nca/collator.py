@@ -14,10 +14,19 @@ Layouts (`layout=`):
 - `"padded"`: one right-padded row per (prompt, response), example-major: the responses of prompt 0 first, then those
   of prompt 1, ... Rows exist only for real responses (ragged K costs nothing). The prompt is computed K times.
 - `"shared_prompt"`: one row per prompt, `P[:-1] | P[-1] R_1 | P[-1] R_2 | ...`: the prompt once, then each response
-  as a branch that attends to the prompt and causally to itself only (a 4D mask, `(B, 1, L, L)` bool, True = attend),
-  with `position_ids` continuing from the prompt in every branch. The last prompt token is repeated at the head of
-  each branch so TRL's fused LM head, which scores one label per position, predicts every response's first token.
-  Adds `response_ids` (`(B, L)`, the ordinal of the response a token belongs to, -1 elsewhere) and `padding_mask`.
+  as a branch that attends to the prompt and causally to itself only, with `position_ids` continuing from the prompt
+  in every branch. The last prompt token is repeated at the head of each branch so TRL's fused LM head, which scores
+  one label per position, predicts every response's first token. Nothing quadratic is built here: the layout is
+  described per token by `sequence_ids` (the prompt a token belongs to within its row, -1 = padding), `branch_ids`
+  (0 = prompt, k + 1 = the k-th response, -1 = padding) and `position_ids`; the trainer turns them into the attention
+  mask on the model's device (`trl_nca.attention`). Adds `response_ids` (the ordinal of the response a token belongs
+  to, -1 elsewhere) and `padding_mask`.
+
+With `padding_free=True` the whole batch is packed into a single row with no padding between its parts (only at the
+end, to `pad_to_multiple_of`): the shared-prompt layout puts every prompt with its branches one after the other
+(`sequence_ids` tell them apart, positions restart per prompt); the padded layout concatenates every prompt+response
+sequence, with `position_ids` restarting at 0 per sequence and no `attention_mask`, from which transformers derives
+the packed causal mask (FlashAttention's variable-length path, or a block-diagonal mask for sdpa/eager/flex).
 
 The trainer sums token log-probs per response with `completion_mask` (and `response_ids` when present) and places
 them in `(B, K_max)` with `response_index`, so the layout never reaches the loss.
@@ -67,8 +76,8 @@ class DataCollatorForKWayReward:
         truncation_mode: `"keep_start"` (default) or `"keep_end"`, as in `trl.DPOConfig`.
         pad_to_multiple_of: pad the sequence length to a multiple of this value.
         layout: `"padded"` (default) or `"shared_prompt"` (see the module docstring).
-        sliding_window: with `"shared_prompt"`, the model's sliding attention window, baked into the 4D mask (a 4D
-            mask replaces the model's own mask, window included). None = full attention.
+        padding_free: pack the whole batch into one row with no padding between its sequences (`DPOConfig`'s
+            `padding_free`; see the module docstring).
         max_prompt_length: when set (with `max_length`), the authors' truncation (`truncate_like_the_authors`)
             replaces `truncation_mode`.
         return_tensors: only `"pt"` is supported.
@@ -87,7 +96,7 @@ class DataCollatorForKWayReward:
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
     layout: str = "padded"
-    sliding_window: int | None = None
+    padding_free: bool = False
     max_prompt_length: int | None = None
     return_tensors: str = "pt"
 
@@ -153,7 +162,8 @@ class DataCollatorForKWayReward:
         return batch
 
     def collate_sequences(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """The padded layout: one right-padded row per (prompt, response), example-major."""
+        """The padded layout: one right-padded row per (prompt, response), example-major (one packed row with
+        `padding_free`)."""
         input_ids, completion_mask = [], []
         for example in examples:
             prompt = example["prompt_ids"]
@@ -162,6 +172,8 @@ class DataCollatorForKWayReward:
                 ids, mask = _truncate(prompt + completion, mask, self.max_length, self.truncation_mode)
                 input_ids.append(torch.tensor(ids, dtype=torch.long))
                 completion_mask.append(torch.tensor(mask, dtype=torch.long))
+        if self.padding_free:
+            return self._pack_sequences(input_ids, completion_mask)
         attention_mask = [torch.ones_like(ids) for ids in input_ids]
         return {
             "input_ids": pad(input_ids, self.pad_token_id, "right", self.pad_to_multiple_of),
@@ -169,45 +181,64 @@ class DataCollatorForKWayReward:
             "completion_mask": pad(completion_mask, 0, "right", self.pad_to_multiple_of),
         }
 
+    def _pack_sequences(self, input_ids: list[torch.Tensor], completion_mask: list[torch.Tensor]):
+        """The padded layout's sequences in one row, positions restarting per sequence and no attention mask."""
+        positions = [torch.arange(ids.numel()) for ids in input_ids]
+        response_ids = [torch.where(mask.bool(), ordinal, -1) for ordinal, mask in enumerate(completion_mask)]
+        n_real = sum(ids.numel() for ids in input_ids)
+        n_pad = self._padding_to_multiple(n_real)
+        if n_pad:  # trailing padding forms a sequence of its own (positions restart), scored nowhere
+            input_ids.append(torch.full((n_pad,), self.pad_token_id, dtype=torch.long))
+            positions.append(torch.arange(n_pad))
+            completion_mask.append(torch.zeros(n_pad, dtype=torch.long))
+            response_ids.append(torch.full((n_pad,), -1, dtype=torch.long))
+        return {
+            "input_ids": torch.cat(input_ids).unsqueeze(0),
+            "position_ids": torch.cat(positions).unsqueeze(0),
+            "completion_mask": torch.cat(completion_mask).unsqueeze(0),
+            "response_ids": torch.cat(response_ids).unsqueeze(0),
+            "padding_mask": (torch.arange(n_real + n_pad) < n_real).long().unsqueeze(0),
+        }
+
+    def _padding_to_multiple(self, length: int) -> int:
+        multiple = self.pad_to_multiple_of
+        return 0 if not multiple else -length % multiple
+
     def collate_shared_prompt(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """The shared-prompt layout: one row per prompt, its responses as branches after it."""
-        rows = []  # per prompt: (token ids, positions, branch group (0 = prompt), completion flags, response ordinal)
+        """The shared-prompt layout: one row per prompt (one row in all with `padding_free`), its responses as
+        branches after it, described by O(L) per-token metadata."""
+        columns = ("input_ids", "position_ids", "sequence_ids", "branch_ids", "completion_mask", "response_ids")
+        rows: list[dict[str, list[int]]] = []
         ordinal = 0
-        for example in examples:
+        for index, example in enumerate(examples):
             prompt = example["prompt_ids"]
             prefix, head = prompt[:-1], prompt[-1:]
-            ids, pos = list(prefix), list(range(len(prefix)))
-            group, completion, response = [0] * len(prefix), [0] * len(prefix), [-1] * len(prefix)
+            row = {
+                "input_ids": list(prefix),
+                "position_ids": list(range(len(prefix))),
+                "branch_ids": [0] * len(prefix),
+                "completion_mask": [0] * len(prefix),
+                "response_ids": [-1] * len(prefix),
+            }
             for k, completion_ids in enumerate(example["completion_ids"]):
                 if self.max_length is not None:  # the same tokens survive as in the padded layout's keep_start
                     completion_ids = completion_ids[: max(self.max_length - len(prompt), 0)]
                 branch = head + completion_ids
-                ids += branch
-                pos += range(len(prefix), len(prefix) + len(branch))
-                group += [k + 1] * len(branch)
-                completion += [0] * len(head) + [1] * len(completion_ids)
-                response += [-1] * len(head) + [ordinal] * len(completion_ids)
+                row["input_ids"] += branch
+                row["position_ids"] += range(len(prefix), len(prefix) + len(branch))
+                row["branch_ids"] += [k + 1] * len(branch)
+                row["completion_mask"] += [0] * len(head) + [1] * len(completion_ids)
+                row["response_ids"] += [-1] * len(head) + [ordinal] * len(completion_ids)
                 ordinal += 1
-            rows.append((ids, pos, group, completion, response))
+            row["sequence_ids"] = [index if self.padding_free else 0] * len(row["input_ids"])
+            rows.append(row)
+        if self.padding_free:
+            rows = [{column: [value for row in rows for value in row[column]] for column in columns}]
 
-        def stack(column: int, padding_value: int) -> torch.Tensor:
+        padding_values = {"input_ids": self.pad_token_id, "position_ids": 0, "completion_mask": 0}
+        batch = {}
+        for column in columns:
             tensors = [torch.tensor(row[column], dtype=torch.long) for row in rows]
-            return pad(tensors, padding_value, "right", self.pad_to_multiple_of)
-
-        input_ids, position_ids = stack(0, self.pad_token_id), stack(1, 0)
-        group, completion_mask, response_ids = stack(2, -1), stack(3, 0), stack(4, -1)
-        # q attends k: k is in the prompt or in q's own branch, and k is not after q (positions); padding tokens
-        # (group -1) only see padding, which keeps every softmax row non-empty.
-        g_q, g_k = group.unsqueeze(2), group.unsqueeze(1)
-        p_q, p_k = position_ids.unsqueeze(2), position_ids.unsqueeze(1)
-        allowed = (((g_k == 0) & (g_q >= 0)) | (g_k == g_q)) & (p_k <= p_q)
-        if self.sliding_window is not None:
-            allowed &= p_q - p_k < self.sliding_window
-        return {
-            "input_ids": input_ids,
-            "attention_mask": allowed.unsqueeze(1),
-            "position_ids": position_ids,
-            "completion_mask": completion_mask,
-            "response_ids": response_ids,
-            "padding_mask": (group >= 0).long(),
-        }
+            batch[column] = pad(tensors, padding_values.get(column, -1), "right", self.pad_to_multiple_of)
+        batch["padding_mask"] = (batch["sequence_ids"] >= 0).long()
+        return batch

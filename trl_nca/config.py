@@ -37,11 +37,14 @@ class _RewardAlignmentConfig(DPOConfig):
             reference model. The authors used 0.01 on UltraFeedback with Mistral-7B.
         kway_layout (`str`, *optional*, defaults to `"auto"`):
             How the K responses of a prompt are laid out for the forward pass. `"shared_prompt"` computes the prompt
-            once, its responses as branches after it (a 4D attention mask and explicit position ids); `"padded"` runs
-            one padded prompt+response row per response (the prompt K times, the authors' layout). `"auto"` picks
-            `"shared_prompt"` when the model supports it (sdpa or eager attention, no MoE router aux loss, no
-            prompt-learning PEFT, `keep_start` truncation or `max_prompt_length`) and logs the reason once when it
-            falls back to `"padded"`.
+            once, its responses as branches after it (per-token layout metadata from which the trainer builds the
+            attention mask on the device: dense for sdpa/eager, a block-sparse `BlockMask` for flex_attention; with a
+            MoE model the router aux loss counts each prompt token once); `"padded"` runs one prompt+response row per
+            response (the prompt K times, the authors' layout). `"auto"` picks `"shared_prompt"` when the model
+            supports it (sdpa, eager or flex_attention, no prompt-learning PEFT, `keep_start` truncation or
+            `max_prompt_length`) and logs the reason once when it falls back to `"padded"`; with FlashAttention the
+            fallback is packed (`padding_free`) so no padding is computed. `padding_free=True` packs each batch into
+            one row in either layout.
         tie_break (`str`, *optional*, defaults to `"share"`):
             How the target weights treat responses tied on the top reward. `"share"`: equal rewards get equal weight
             (exactly `softmax(rewards / α)`; with α = 0 the tied best responses share the weight). `"first"`: the

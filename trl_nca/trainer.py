@@ -9,6 +9,7 @@ hooks that hard-code chosen/rejected pairs: dataset preparation, signature colum
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import textwrap
 from collections.abc import Callable
@@ -27,47 +28,45 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from . import losses
+from .attention import FLEX_BLOCK_SIZE, attention_windows, layout_attention_mask, router_token_mask
 from .callbacks import label_progress_bars
 from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForKWayReward
 from .config import InfoNCAConfig, NCAConfig, _RewardAlignmentConfig
 from .data import first_row, prepare_dataset
+from .moe import load_balancing_loss, record_router_logits
 
 logger = logging.get_logger(__name__)
 
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
-_MASKABLE_ATTENTION = ("sdpa", "eager")
+_MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tuple[str, int | None]:
-    """Pick the collator layout for `args.kway_layout` and the model; returns (layout, sliding window).
+def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tuple[str, bool]:
+    """Pick the collator layout for `args.kway_layout` and the model; returns (layout, padding_free).
 
     `"auto"` falls back to `"padded"` (logging why) when the shared-prompt layout cannot be exact; asking for
-    `"shared_prompt"` explicitly in such a case raises with the same reason.
+    `"shared_prompt"` explicitly in such a case raises with the same reason. A fallback caused by FlashAttention is
+    packed (`padding_free`): FlashAttention's variable-length path then computes no padding.
     """
+    padding_free = bool(args.padding_free)
     if args.kway_layout == "padded":
-        return "padded", None
+        return "padded", padding_free
     if isinstance(model, str):
         config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-        attn = (args.model_init_kwargs or {}).get("attn_implementation") or "sdpa"
     else:
         config = model.config
-        attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    attn = _attn_implementation(args, model)
     text_config = config.get_text_config()
     layer_types = set(getattr(text_config, "layer_types", None) or [])
-    window = getattr(text_config, "sliding_window", None) if layer_types <= {"sliding_attention"} else None
-    aux_coef = args.router_aux_loss_coef
-    aux_coef = getattr(text_config, "router_aux_loss_coef", 0.0) if aux_coef is None else aux_coef
     peft_type = getattr(peft_config, "is_prompt_learning", False) or getattr(
         getattr(model, "active_peft_config", None), "is_prompt_learning", False
     )
     reason = None
     if attn not in _MASKABLE_ATTENTION:
-        reason = f"attn_implementation={attn!r} takes no custom 4D attention mask (use 'sdpa' or 'eager')"
-    elif len(layer_types) > 1:
-        reason = f"the model mixes attention types per layer ({sorted(layer_types)}), one 4D mask cannot serve both"
-    elif hasattr(text_config, "output_router_logits") and aux_coef:
-        reason = "the MoE router aux loss is computed per padded row (set router_aux_loss_coef=0 to share the prompt)"
+        reason = f"attn_implementation={attn!r} takes no custom attention mask (use sdpa, eager or flex_attention)"
+    elif not layer_types <= {"full_attention", "sliding_attention"}:
+        reason = f"the model has attention types the shared-prompt mask does not implement ({sorted(layer_types)})"
     elif peft_type:
         reason = "prompt-learning PEFT prepends virtual tokens, which the shared-prompt positions do not account for"
     elif args.max_length is not None and args.truncation_mode != "keep_start" and args.max_prompt_length is None:
@@ -75,11 +74,28 @@ def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tup
     elif getattr(config, "is_encoder_decoder", False):
         reason = "encoder-decoder models are not supported by the shared-prompt layout"
     if reason is None:
-        return "shared_prompt", window
+        return "shared_prompt", padding_free
     if args.kway_layout == "shared_prompt":
         raise ValueError(f"kway_layout='shared_prompt' cannot be used here: {reason}.")
-    logger.warning_once(f"Using the padded K-way layout (the prompt is computed once per response) because {reason}.")
-    return "padded", None
+    packed = padding_free or "flash" in attn
+    logger.warning_once(
+        f"Using the padded K-way layout (the prompt is computed once per response{', packed' if packed else ''}) "
+        f"because {reason}."
+    )
+    return "padded", packed
+
+
+def _attn_implementation(args: _RewardAlignmentConfig, model) -> str:
+    if isinstance(model, str):
+        return (args.model_init_kwargs or {}).get("attn_implementation") or "sdpa"
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
+def _pad_multiple(args: _RewardAlignmentConfig, model) -> int | None:
+    """`pad_to_multiple_of`, rounded up to FlexAttention's block size under flex_attention (see `attention`)."""
+    if _attn_implementation(args, model) != "flex_attention":
+        return args.pad_to_multiple_of
+    return math.lcm(args.pad_to_multiple_of or 1, FLEX_BLOCK_SIZE)
 
 
 _NCA_CITATION = textwrap.dedent(
@@ -166,37 +182,51 @@ class _KWayRewardTrainer(DPOTrainer):
                     f"`processing_class` ({processing_class.__class__.__name__}). Ensure that the `pad_token` exists "
                     "in the vocabulary before using it as a padding token."
                 )
-            layout, window = resolve_layout(args, model, peft_config)
+            layout, packed = resolve_layout(args, model, peft_config)
             data_collator = DataCollatorForKWayReward(
                 pad_token_id=tokenizer.convert_tokens_to_ids(pad_token),
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=args.pad_to_multiple_of,
+                pad_to_multiple_of=_pad_multiple(args, model),
                 layout=layout,
-                sliding_window=window,
+                padding_free=packed,
                 max_prompt_length=args.max_prompt_length,
             )
         self.alpha = args.alpha
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        self._mask_cache: tuple | None = None
+        # DPOTrainer 1.16 turns `padding_free` off with a warning ("temporarily unavailable"); the K-way collator
+        # implements it, so the parent is shown False and the user's value is restored afterwards.
+        padding_free, args.padding_free = args.padding_free, False
+        try:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            args.padding_free = padding_free
+        self.padding_free = padding_free
         label_progress_bars(self, f"{self._name} training")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, with the checkpoint to resume from checked first: a truncated or corrupt checkpoint raises
         a `CheckpointError` naming it and the newest intact checkpoint instead of failing inside the loader."""
         resume_from_checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        attn = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", None)
+        if attn == "flex_attention" and self.accelerator.device.type == "cpu":
+            raise ValueError(
+                f"attn_implementation='flex_attention' cannot train on CPU: torch {torch.__version__} has no "
+                "FlexAttention backward pass there. Train on a GPU, or load the model with attn_implementation='sdpa'."
+            )
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
@@ -296,16 +326,32 @@ class _KWayRewardTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ log-probs
     def _model_inputs(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The layout's model inputs; a 4D bool mask becomes additive in the model's dtype (eager needs it)."""
+        """The layout's model inputs, with the attention mask the model's attention implementation needs."""
         kwargs = {key: inputs[key] for key in _MODEL_INPUT_KEYS if key in inputs}
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
-            dtype = getattr(self.accelerator.unwrap_model(model), "dtype", torch.float32)
-            dtype = dtype if dtype.is_floating_point else torch.float32
-            kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(dtype).min
-            )
+        mask = self._attention_mask(model, inputs)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+            # A 4D mask (or a BlockMask) is no padding mask: the model must not compute its MoE aux loss from it.
+            if hasattr(self.accelerator.unwrap_model(model).config.get_text_config(), "output_router_logits"):
+                kwargs["output_router_logits"] = False
         return kwargs
+
+    def _attention_mask(self, model, inputs: dict[str, torch.Tensor]):
+        """The shared-prompt layout's attention mask for `model`, built on the device from the collator's metadata;
+        None for the other layouts. Built once per batch: the policy and the reference forward share it (unless their
+        attention implementation or dtype differ)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        attn = getattr(unwrapped.config, "_attn_implementation", None) or "sdpa"
+        dtype = getattr(unwrapped, "dtype", torch.float32)
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        key = (attn, dtype)
+        cached = self._mask_cache
+        if cached is not None and cached[0] is inputs["input_ids"] and cached[1] == key:
+            return cached[2]
+        windows = attention_windows(unwrapped.config.get_text_config())
+        mask = layout_attention_mask(inputs, attn, dtype, windows)
+        self._mask_cache = (inputs["input_ids"], key, mask)
+        return mask
 
     @staticmethod
     def _token_response_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -316,12 +362,24 @@ class _KWayRewardTrainer(DPOTrainer):
         rows = torch.arange(completion_mask.size(0), device=completion_mask.device).unsqueeze(1)
         return torch.where(completion_mask.bool(), rows, -1)
 
-    def _forward_logps(self, model, inputs: dict[str, torch.Tensor], **model_kwargs):
-        """One forward through the fused LM head; returns the outputs and per-response log-probs `(B, K_max)`."""
+    def _forward_logps(self, model, inputs: dict[str, torch.Tensor], aux_loss: bool = False):
+        """One forward through the fused LM head; returns the outputs and per-response log-probs `(B, K_max)`.
+
+        With `aux_loss`, `outputs.aux_loss` is the MoE load-balancing loss over the batch's real tokens: the model's
+        own (TRL's fused head) for layouts with a padding mask or none, and for the shared-prompt layout one computed
+        from the recorded router logits with each prompt token counted once.
+        """
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        outputs = model(
-            **self._model_inputs(model, inputs), **model_kwargs, use_cache=False, labels=labels, fused_lm_head=True
-        )
+        model_inputs = self._model_inputs(model, inputs)
+        record = aux_loss and "output_router_logits" in model_inputs
+        if aux_loss and not record:
+            model_inputs["output_router_logits"] = True
+        unwrapped = self.accelerator.unwrap_model(model)
+        with record_router_logits(unwrapped) if record else contextlib.nullcontext() as router_logits:
+            outputs = model(**model_inputs, use_cache=False, labels=labels, fused_lm_head=True)
+        if record:
+            token_mask = router_token_mask(inputs)
+            outputs.aux_loss = load_balancing_loss(router_logits, token_mask, unwrapped.config.get_text_config())
         response_ids = self._token_response_ids(inputs)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
         per_token = outputs.log_probs[:, -response_ids.size(1) :]
@@ -449,8 +507,7 @@ class _KWayRewardTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs, policy_logps = self._forward_logps(model, inputs, **model_kwargs)
+        outputs, policy_logps = self._forward_logps(model, inputs, aux_loss=self.aux_loss_enabled)
         ref_logps = self._reference_logps(inputs).to(policy_logps.device)
         rewards, mask = inputs["rewards"], inputs["response_mask"]
         if self.args.tie_break == "first":
@@ -502,7 +559,7 @@ class _KWayRewardTrainer(DPOTrainer):
         n_tokens = gather(token_mask.sum()).sum()
         metrics["entropy"].append((entropy_sum / n_tokens).item() if n_tokens > 0 else 0.0)
         if mode == "train":
-            real_tokens = inputs.get("padding_mask", inputs["attention_mask"]).sum()
+            real_tokens = (inputs["padding_mask"] if "padding_mask" in inputs else inputs["attention_mask"]).sum()
             self._total_train_tokens += gather(real_tokens).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 
