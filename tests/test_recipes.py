@@ -236,6 +236,7 @@ def test_recipe_trains_two_steps(path, tiny_models, tmp_path):
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
     if recipe.get("router_aux_loss_coef"):
         assert trainer.router_aux_loss_coef == recipe["router_aux_loss_coef"]
+        assert trainer.data_collator.layout == "shared_prompt"  # the aux loss no longer forces the padded layout
         assert any("aux_loss" in entry for entry in trainer.state.log_history)
     del trainer
     gc.collect()
