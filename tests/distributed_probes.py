@@ -59,6 +59,7 @@ class ShardProbe(TrainerCallback):
             "zero3": _is_zero3(),
             "local_numel": local,
             "full_numel": full,
+            "layout": getattr(getattr(kwargs.get("train_dataloader"), "collate_fn", None), "layout", None),
         }
         (self.out / f"rank{record['rank']}.json").write_text(json.dumps(record))
 

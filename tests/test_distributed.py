@@ -135,6 +135,8 @@ def test_zero3_two_processes_shards_trains_and_saves(architecture, assets, deeps
     for rank, record in enumerate(records):
         assert record["rank"] == rank and record["world_size"] == 2 and record["num_processes"] == 2
         assert record["distributed_type"] == "DistributedType.DEEPSPEED" and record["zero3"] is True
+        # The default layout: the prompt once, for the MoE model with its router aux loss too.
+        assert record["layout"] == "shared_prompt"
 
     # Parameters are really partitioned: each rank holds about half of every element, the two halves cover it all.
     total = sum(records[0]["full_numel"].values())
