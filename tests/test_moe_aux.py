@@ -87,11 +87,6 @@ def test_router_hooks_record_the_policy_forward_only(tmp_path, tokenizer, make_m
     torch.testing.assert_close(step.aux, oracle)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trl_nca bug: the packed padded layout passes no attention mask, so the model's own aux loss (TRL's fused "
-    "head: load_balancing_loss_func(..., attention_mask=None)) also counts the trailing pad_to_multiple_of padding",
-)
 def test_packed_padded_aux_loss_ignores_the_trailing_padding(tmp_path, tokenizer, make_model):
     baseline = padded_baseline(
         make_trainer(tmp_path, tokenizer, make_model, "mixtral-aux", layout="padded"), grad=False

@@ -123,7 +123,10 @@ def mask_nbytes(mask) -> int:
 
 
 def router_token_mask(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """`(B, L)` bool: the tokens of a shared-prompt batch that count once each, i.e. the real tokens less the copies
-    of the last prompt token at the head of every branch after the first (the first copy stands for that token)."""
-    repeated_head = (inputs["branch_ids"] > 1) & (inputs["completion_mask"] == 0)
-    return inputs["padding_mask"].bool() & ~repeated_head
+    """`(B, L)` bool: the tokens of a batch with a `padding_mask` (shared-prompt or packed) that the MoE aux loss
+    counts: the real tokens, less, in the shared-prompt layout, the copies of the last prompt token at the head of
+    every branch after the first (the first copy stands for that token)."""
+    real = inputs["padding_mask"].bool()
+    if "branch_ids" not in inputs:
+        return real
+    return real & ~((inputs["branch_ids"] > 1) & (inputs["completion_mask"] == 0))

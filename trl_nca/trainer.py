@@ -366,14 +366,16 @@ class _KWayRewardTrainer(DPOTrainer):
         """One forward through the fused LM head; returns the outputs and per-response log-probs `(B, K_max)`.
 
         With `aux_loss`, `outputs.aux_loss` is the MoE load-balancing loss over the batch's real tokens: the model's
-        own (TRL's fused head) for layouts with a padding mask or none, and for the shared-prompt layout one computed
-        from the recorded router logits with each prompt token counted once.
+        own (TRL's fused head) for padded rows, and for the shared-prompt and packed layouts one computed from the
+        recorded router logits (each prompt token once under the shared prompt).
         """
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         model_inputs = self._model_inputs(model, inputs)
-        record = aux_loss and "output_router_logits" in model_inputs
-        if aux_loss and not record:
-            model_inputs["output_router_logits"] = True
+        # Layouts with `padding_mask` (shared prompt, packed rows) give the model no 2D padding mask to weight its aux
+        # loss with: the router logits are recorded and the loss is computed over `router_token_mask` instead.
+        record = aux_loss and "padding_mask" in inputs
+        if aux_loss:
+            model_inputs["output_router_logits"] = not record
         unwrapped = self.accelerator.unwrap_model(model)
         with record_router_logits(unwrapped) if record else contextlib.nullcontext() as router_logits:
             outputs = model(**model_inputs, use_cache=False, labels=labels, fused_lm_head=True)
