@@ -13,12 +13,18 @@ import pytest
 import torch
 from conftest import cpu_args
 from datasets import Dataset
-from test_shared_prompt import _logps_loss_grads
+from test_shared_prompt import gradients, run_step
 from test_trainer import preference_rows, reward_rows
 
 from trl_nca import DataCollatorForKWayReward, InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 from trl_nca.collator import truncate_like_the_authors
 from trl_nca.losses import favour_first_response, infonca_loss, nca_loss, target_weights
+
+
+def _logps_loss_grads(trainer):
+    """Per-response log-probs, loss and gradients of one step over the whole dataset."""
+    step = run_step(trainer)
+    return step.logps.detach(), step.loss.detach(), gradients(step.loss, step.params)
 
 
 def authors_soft_labels(scores: list[float], temperature_alpha: float, bonus: float = 0.01) -> list[float]:
