@@ -234,17 +234,21 @@ def test_resume_from_corrupt_checkpoint_fails_before_training(checkpoints, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- a quiet terminal
-def test_bitsandbytes_import_warning_is_kept_out_of_unquantized_runs():
+@pytest.mark.parametrize("quantized", [False, True])
+def test_bitsandbytes_import_warning_is_kept_out_of_unquantized_runs(quantized, caplog):
     from trl import ModelConfig
 
+    from trl_nca.cli import hold_optional_kernel_logs
     from trl_nca.scripts.train import _quiet_optional_imports
 
     bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    bnb_logger.setLevel(logging.NOTSET)
-    _quiet_optional_imports(ModelConfig(load_in_4bit=True))
-    assert bnb_logger.isEnabledFor(logging.WARNING)
-    _quiet_optional_imports(ModelConfig())
-    assert not bnb_logger.isEnabledFor(logging.WARNING)
+    hold_optional_kernel_logs()
+    bnb_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community")  # what its import logs
+    assert "gemm_4bit" not in caplog.text  # held while the arguments are unknown
+    _quiet_optional_imports(ModelConfig(load_in_4bit=quantized))
+    assert ("gemm_4bit" in caplog.text) is quantized
+    bnb_logger.warning("a later gemm_4bit warning")  # released: nothing is held back any more
+    assert "later gemm_4bit" in caplog.text
 
 
 def test_cli_hides_library_deprecations_but_not_the_users_own(monkeypatch):

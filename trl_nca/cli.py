@@ -294,7 +294,12 @@ def train(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(output_dir), file=sys.stderr)
         return 130
-    except Exception as error:  # torchrun's ChildFailedError and SignalException
+    except SystemExit as error:  # accelerate >= 1.16 turns an interruption into exit 130 / 128 + signal
+        if not isinstance(error.code, int) or error.code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            raise
+        print(interrupted_message(output_dir), file=sys.stderr)
+        return error.code
+    except Exception as error:  # torchrun's ChildFailedError, and SignalException before accelerate 1.16
         name = type(error).__name__
         if name == "SignalException":
             print(interrupted_message(output_dir), file=sys.stderr)
@@ -361,6 +366,41 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
 
 
+#: Loggers that speak when bitsandbytes is imported (peft and TRL import it whenever it is installed): on a CPU with
+#: AVX512-BF16 it tries to fetch a 4-bit kernel from the Hub and warns when it cannot. Only 4-bit runs care.
+OPTIONAL_KERNEL_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+class _HeldRecords(logging.Filter):
+    """Keeps a logger's records back (instead of printing them) until `release_optional_kernel_logs`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def hold_optional_kernel_logs() -> None:
+    """Hold back what `OPTIONAL_KERNEL_LOGGERS` log from now on; call before TRL/peft are imported."""
+    for name in OPTIONAL_KERNEL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(held, _HeldRecords) for held in logger.filters):
+            logger.addFilter(_HeldRecords())
+
+
+def release_optional_kernel_logs(show: bool) -> None:
+    """Stop holding `OPTIONAL_KERNEL_LOGGERS` back; print what they logged meanwhile when `show` (a quantized run)."""
+    for name in OPTIONAL_KERNEL_LOGGERS:
+        logger = logging.getLogger(name)
+        for held in [held for held in logger.filters if isinstance(held, _HeldRecords)]:
+            logger.removeFilter(held)
+            for record in held.records if show else []:
+                logger.handle(record)
+
+
 def _dispatch(module_name: str, argv: Sequence[str]) -> int:
     """Import ``module_name`` lazily and run its ``main(argv)``."""
     try:
@@ -384,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trl-nca {__version__}")
         return 0
     command, rest = args[0], args[1:]
+    hold_optional_kernel_logs()  # released by `trl_nca.scripts.train` once it knows whether the run quantizes
     if command == "train":
         quiet_warnings()
         try:

@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `trl-nca demo`. Returns the process exit code."""
+    from trl_nca.cli import hold_optional_kernel_logs
+
+    hold_optional_kernel_logs()  # the demo never quantizes: bitsandbytes' import-time kernel warnings are not for it
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.compare:

@@ -26,9 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl_nca.cli import hold_optional_kernel_logs, release_optional_kernel_logs
 
-from trl_nca.data import DatasetError
+hold_optional_kernel_logs()  # before trl imports peft and bitsandbytes: see `_quiet_optional_imports`
+
+from trl import ModelConfig, ScriptArguments, TrlParser  # noqa: E402
+
+from trl_nca.data import DatasetError  # noqa: E402
 
 if TYPE_CHECKING:
     from datasets import DatasetDict, IterableDatasetDict
@@ -662,10 +666,10 @@ def _is_main_process() -> bool:
 
 
 def _quiet_optional_imports(model_args: ModelConfig) -> None:
-    """bitsandbytes logs a warning on import on some CPUs (its optional CPU kernel is fetched from the Hub); peft
-    imports it whenever it is installed. Keep that line out of runs that do not quantize."""
-    if not (model_args.load_in_4bit or model_args.load_in_8bit):
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    """bitsandbytes warns on import on some CPUs (its optional 4-bit CPU kernel is fetched from the Hub, which fails
+    offline); peft imports it whenever it is installed. Those lines were held back since this module was imported:
+    print them for runs that quantize, drop them for the others."""
+    release_optional_kernel_logs(show=model_args.load_in_4bit or model_args.load_in_8bit)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
