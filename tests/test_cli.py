@@ -305,7 +305,8 @@ def _start(assets, out: Path, recipe: str = "nca_reward.yaml") -> subprocess.Pop
     command = [*_trl_nca(), "train", str(TINY / recipe), "--model_name_or_path", assets["model"],
                "--dataset_name", assets["data"], "--output_dir", str(out), "--max_steps", "400",
                "--save_strategy", "steps", "--save_steps", "2", "--callbacks", "distributed_probes:SlowSteps", *extra]  # fmt: skip
-    process = subprocess.Popen(command, env=_env(TQDM_DISABLE="1"), cwd=REPO, start_new_session=True,
+    env = _env(TQDM_DISABLE="1", PYTHONFAULTHANDLER="1")  # SIGABRT then dumps every thread's stack
+    process = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2" / "trainer_state.json").exists():
@@ -367,7 +368,11 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_and_resume_command(ass
     process = _start(assets, out, recipe)
     try:
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
-        _, err = process.communicate(timeout=60)
+        try:
+            _, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # show where it hangs: faulthandler (on in `_start`) dumps every thread
+            os.killpg(process.pid, signal.SIGABRT)
+            pytest.fail(f"no exit 120 s after Ctrl-C; stacks:\n{process.communicate(timeout=60)[1][-6000:]}")
         assert process.returncode == 130
         assert "Traceback" not in err
         lines = [line for line in err.splitlines() if "trl-nca train:" in line]
