@@ -306,7 +306,10 @@ def _start(assets, out: Path, recipe: str = "nca_reward.yaml") -> subprocess.Pop
                "--dataset_name", assets["data"], "--output_dir", str(out), "--max_steps", "400",
                "--save_strategy", "steps", "--save_steps", "2", "--callbacks", "distributed_probes:SlowSteps", *extra]  # fmt: skip
     env = _env(TQDM_DISABLE="1", PYTHONFAULTHANDLER="1")  # SIGABRT then dumps every thread's stack
+    # A terminal's foreground job takes Ctrl-C; a suite started in the background of a script (`pytest ... &`)
+    # inherits SIGINT ignored, and so would the run: give it the default action back, as a terminal would.
     process = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2" / "trainer_state.json").exists():
