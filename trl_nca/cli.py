@@ -424,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trl-nca {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    hold_optional_kernel_logs()  # released by `trl_nca.scripts.train` once it knows whether the run quantizes
+    hold_optional_kernel_logs()  # dropped here; a training process shows its own for quantized runs
     if command == "train":
         quiet_warnings()
         try:

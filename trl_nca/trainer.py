@@ -331,9 +331,11 @@ class _KWayRewardTrainer(DPOTrainer):
         mask = self._attention_mask(model, inputs)
         if mask is not None:
             kwargs["attention_mask"] = mask
-            # A 4D mask (or a BlockMask) is no padding mask: the model must not compute its MoE aux loss from it.
-            if hasattr(self.accelerator.unwrap_model(model).config.get_text_config(), "output_router_logits"):
-                kwargs["output_router_logits"] = False
+        # Shared-prompt and packed rows give the model no 2D padding mask to weight its MoE aux loss with: it must not
+        # compute one (`_forward_logps` computes it from the recorded router logits where it is wanted).
+        config = self.accelerator.unwrap_model(model).config.get_text_config()
+        if "padding_mask" in inputs and hasattr(config, "output_router_logits"):
+            kwargs["output_router_logits"] = False
         return kwargs
 
     def _attention_mask(self, model, inputs: dict[str, torch.Tensor]):
@@ -371,11 +373,9 @@ class _KWayRewardTrainer(DPOTrainer):
         """
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         model_inputs = self._model_inputs(model, inputs)
-        # Layouts with `padding_mask` (shared prompt, packed rows) give the model no 2D padding mask to weight its aux
-        # loss with: the router logits are recorded and the loss is computed over `router_token_mask` instead.
-        record = aux_loss and "padding_mask" in inputs
-        if aux_loss:
-            model_inputs["output_router_logits"] = not record
+        record = aux_loss and "padding_mask" in inputs  # see `_model_inputs`; counted over `router_token_mask`
+        if aux_loss and not record:
+            model_inputs["output_router_logits"] = True
         unwrapped = self.accelerator.unwrap_model(model)
         with record_router_logits(unwrapped) if record else contextlib.nullcontext() as router_logits:
             outputs = model(**model_inputs, use_cache=False, labels=labels, fused_lm_head=True)
