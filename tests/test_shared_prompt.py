@@ -127,9 +127,15 @@ class Step:
     coef: float
 
 
+def checked(trainer, batch: dict) -> dict:
+    """The batch after the trainer's first-batch layout check (its own forwards run here, not in the step)."""
+    live_reference = trainer.ref_model is not None and not trainer.precompute_ref_logps
+    return trainer._exact_layout([trainer.model, trainer.ref_model] if live_reference else [trainer.model], batch)
+
+
 def run_step(trainer, grad: bool = True) -> Step:
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    batch = checked(trainer, trainer._prepare_inputs(trainer.data_collator(rows)))
     calls = []
     original = trainer._forward_logps
 
@@ -306,8 +312,12 @@ def test_the_mask_applies_the_sliding_window(tmp_path, tokenizer, make_model, mo
     torch.testing.assert_close(step.logps, padded.shared.logps, rtol=RTOL, atol=1e-5)
 
     monkeypatch.setattr(trainer_module, "attention_windows", lambda config: None)
-    no_window = run_step(make_trainer(tmp_path, tokenizer, make_model, model_name), grad=False)
-    assert (no_window.logps - padded.shared.logps).abs().max() > 1e-3
+    no_window = make_trainer(tmp_path, tokenizer, make_model, model_name, kway_layout_check=False)
+    assert (run_step(no_window, grad=False).logps - padded.shared.logps).abs().max() > 1e-3
+    # A mask without the window is what the first-batch check exists for: with it on, the trainer falls back.
+    no_window = make_trainer(tmp_path, tokenizer, make_model, model_name, layout="auto")
+    torch.testing.assert_close(run_step(no_window, grad=False).logps, padded.shared.logps, rtol=RTOL, atol=1e-5)
+    assert no_window.data_collator.layout == "padded"
 
 
 def mask_count(mask) -> int:
@@ -343,6 +353,8 @@ def test_the_mask_is_built_once_per_step_for_policy_and_reference(tmp_path, toke
         built.clear()
         trainer = make_trainer(tmp_path, tokenizer, make_model, model_name, variant=variant)
         rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+        checked(trainer, trainer._prepare_inputs(trainer.data_collator(rows[:1])))  # the first-batch check
+        built.clear()
         batch = trainer._prepare_inputs(trainer.data_collator(rows))
         trainer.compute_loss(trainer.model, batch)  # policy forward + reference forward (other model, or adapter off)
         assert len(built) == 1, (model_name, variant)

@@ -42,9 +42,18 @@ class _RewardAlignmentConfig(DPOConfig):
             MoE model the router aux loss counts each prompt token once); `"padded"` runs one prompt+response row per
             response (the prompt K times, the authors' layout). `"auto"` picks `"shared_prompt"` when the model
             supports it (sdpa, eager or flex_attention, no prompt-learning PEFT, `keep_start` truncation or
-            `max_prompt_length`) and logs the reason once when it falls back to `"padded"`; with FlashAttention the
-            fallback is packed (`padding_free`) so no padding is computed. `padding_free=True` packs each batch into
-            one row in either layout.
+            `max_prompt_length`, positions from `position_ids` and tokens mixed only through attention: not ALiBi,
+            recurrent, convolutional or state-space layers) and logs the reason once when it falls back to
+            `"padded"`; with FlashAttention the fallback is packed (`padding_free`) so no padding is computed.
+            `padding_free=True` packs each batch into one row in either layout (for the same models). A layout asked
+            for explicitly (`"shared_prompt"`, or `"padded"` with `padding_free=True`) that cannot be exact raises.
+        kway_layout_check (`bool`, *optional*, defaults to `True`):
+            Check the chosen layout on the first batch the trainer computes (training, evaluation or reference
+            precompute): one no-grad forward of up to two prompts in both that layout and the padded layout; if a
+            response's log-prob differs beyond a dtype-aware tolerance (fp32: 1e-4 nats + 1e-5 relative), fall back
+            to the padded layout with one logged line (raise, for a layout asked for explicitly). Every process takes
+            the same decision. Costs one small extra forward, once. Set False for a model you know the layout is
+            exact for.
         tie_break (`str`, *optional*, defaults to `"share"`):
             How the target weights treat responses tied on the top reward. `"share"`: equal rewards get equal weight
             (exactly `softmax(rewards / α)`; with α = 0 the tied best responses share the weight). `"first"`: the
@@ -83,6 +92,14 @@ class _RewardAlignmentConfig(DPOConfig):
             "help": "Forward layout of the K responses: 'shared_prompt' (prompt computed once), 'padded' (one row per "
             "response), or 'auto' (shared_prompt when the model supports it).",
             "choices": ["auto", "shared_prompt", "padded"],
+        },
+    )
+
+    kway_layout_check: bool = field(
+        default=True,
+        metadata={
+            "help": "Check the layout on the first batch against the padded layout (one small no-grad forward) and "
+            "fall back to padded when a log-prob differs."
         },
     )
 

@@ -9,6 +9,7 @@ hooks that hard-code chosen/rejected pairs: dataset preparation, signature colum
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import textwrap
@@ -34,55 +35,77 @@ from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForKWayReward
 from .config import InfoNCAConfig, NCAConfig, _RewardAlignmentConfig
 from .data import first_row, prepare_dataset
+from .layout import (
+    batch_layout,
+    check_examples,
+    grouped_examples,
+    largest_excess,
+    layout_kind,
+    unsupported_reason,
+)
 from .moe import load_balancing_loss, record_router_logits
 
 logger = logging.get_logger(__name__)
 
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 _MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+# Model-input keys of the layouts (see `trl_nca.collator`); the other batch keys are per prompt.
+_LAYOUT_KEYS = (*_MODEL_INPUT_KEYS, "completion_mask", "sequence_ids", "branch_ids", "response_ids", "padding_mask")
 
 
 def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tuple[str, bool]:
     """Pick the collator layout for `args.kway_layout` and the model; returns (layout, padding_free).
 
-    `"auto"` falls back to `"padded"` (logging why) when the shared-prompt layout cannot be exact; asking for
-    `"shared_prompt"` explicitly in such a case raises with the same reason. A fallback caused by FlashAttention is
-    packed (`padding_free`): FlashAttention's variable-length path then computes no padding.
+    `"auto"` falls back to `"padded"` (logging why) when the shared-prompt layout cannot be exact; a layout asked for
+    explicitly that cannot be exact (`"shared_prompt"`, or `"padded"` with `padding_free=True`) raises with the same
+    reason. A fallback caused by FlashAttention is packed (`padding_free`): FlashAttention's variable-length path then
+    computes no padding. A fallback caused by the architecture (`layout.unsupported_reason`) is never packed: packing
+    needs what sharing needs. The trainer checks the choice again on the first batch (`_exact_layout`).
     """
     padding_free = bool(args.padding_free)
-    if args.kway_layout == "padded":
-        return "padded", padding_free
+    if args.kway_layout == "padded" and not padding_free:
+        return "padded", False
     if isinstance(model, str):
         config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
     else:
         config = model.config
+    architecture = unsupported_reason(config, None if isinstance(model, str) else model)
+    if args.kway_layout == "padded":
+        if architecture is not None:
+            raise ValueError(f"padding_free=True cannot be exact here: {architecture}. Set padding_free=False.")
+        return "padded", True
     attn = _attn_implementation(args, model)
-    text_config = config.get_text_config()
-    layer_types = set(getattr(text_config, "layer_types", None) or [])
     peft_type = getattr(peft_config, "is_prompt_learning", False) or getattr(
         getattr(model, "active_peft_config", None), "is_prompt_learning", False
     )
-    reason = None
-    if attn not in _MASKABLE_ATTENTION:
-        reason = f"attn_implementation={attn!r} takes no custom attention mask (use sdpa, eager or flex_attention)"
-    elif not layer_types <= {"full_attention", "sliding_attention"}:
-        reason = f"the model has attention types the shared-prompt mask does not implement ({sorted(layer_types)})"
-    elif peft_type:
-        reason = "prompt-learning PEFT prepends virtual tokens, which the shared-prompt positions do not account for"
-    elif args.max_length is not None and args.truncation_mode != "keep_start" and args.max_prompt_length is None:
-        reason = "truncation_mode='keep_end' would keep a different part of the prompt for each response"
-    elif getattr(config, "is_encoder_decoder", False):
-        reason = "encoder-decoder models are not supported by the shared-prompt layout"
+    reason = architecture or _sharing_obstacle(args, config, attn, peft_type)
     if reason is None:
         return "shared_prompt", padding_free
     if args.kway_layout == "shared_prompt":
         raise ValueError(f"kway_layout='shared_prompt' cannot be used here: {reason}.")
-    packed = padding_free or "flash" in attn
-    logger.warning_once(
-        f"Using the padded K-way layout (the prompt is computed once per response{', packed' if packed else ''}) "
-        f"because {reason}."
-    )
+    packed = (padding_free or "flash" in attn) and architecture is None
+    _log_fallback(("padded", packed), reason, unpacked=padding_free and not packed)
     return "padded", packed
+
+
+def _sharing_obstacle(args: _RewardAlignmentConfig, config, attn: str, prompt_learning: bool) -> str | None:
+    """Why the shared-prompt layout cannot be used beyond the architecture: attention kernel, PEFT, truncation."""
+    if attn not in _MASKABLE_ATTENTION:
+        return f"attn_implementation={attn!r} takes no custom attention mask (use sdpa, eager or flex_attention)"
+    if prompt_learning:
+        return "prompt-learning PEFT prepends virtual tokens, which the shared-prompt positions do not account for"
+    if args.max_length is not None and args.truncation_mode != "keep_start" and args.max_prompt_length is None:
+        return "truncation_mode='keep_end' would keep a different part of the prompt for each response"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported by the shared-prompt layout"
+    return None
+
+
+def _log_fallback(layout: tuple[str, bool], reason: str, unpacked: bool = False) -> None:
+    packed = ", packed" if layout[1] else (", not packed despite padding_free=True" if unpacked else "")
+    logger.warning_once(
+        f"Using the padded K-way layout (the prompt is computed once per response{packed}) because {reason}."
+    )
 
 
 def _attn_implementation(args: _RewardAlignmentConfig, model) -> str:
@@ -194,6 +217,7 @@ class _KWayRewardTrainer(DPOTrainer):
             )
         self.alpha = args.alpha
         self._mask_cache: tuple | None = None
+        self._layout_checked: set[int] = set()  # ids of the models the layout was checked for (`_exact_layout`)
         # DPOTrainer 1.16 turns `padding_free` off with a warning ("temporarily unavailable"); the K-way collator
         # implements it, so the parent is shown False and the user's value is restored afterwards.
         padding_free, args.padding_free = args.padding_free, False
@@ -428,8 +452,18 @@ class _KWayRewardTrainer(DPOTrainer):
             )
         if "ref_logps" in dataset.column_names:
             return dataset
+        # TRL's model hash covers the weights only: two architectures with the same parameter shapes and values (tiny
+        # random models) would share a cache file, so the model class and config go in the key, and so do the layout
+        # and whether it is checked (a cache computed with `kway_layout_check=False` is not reused with the check on).
+        reference = self.accelerator.unwrap_model(self.ref_model or self.model)
+        reference = reference.get_base_model() if is_peft_model(reference) else reference
+        config = {
+            k: v for k, v in reference.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
+        }
+        key = (type(reference).__qualname__, config, self.data_collator.layout, self.data_collator.padding_free)
+        key += (self.args.kway_layout_check,)
         # Rank-dependent inputs (ZeRO-3 shards the model): share rank 0's fingerprint so all ranks use one cache file.
-        fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "trl_nca.ref_logps"))]
+        fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, key, "trl_nca.ref_logps"))]
         broadcast_object_list(fingerprint, from_process=0)
         cache_file = dataset._get_cache_file_path(fingerprint[0])
         if not os.path.exists(cache_file):
@@ -455,6 +489,7 @@ class _KWayRewardTrainer(DPOTrainer):
                 desc=f"Computing reference log probs for {name} dataset",
                 disable=bool(os.environ.get("TQDM_DISABLE", "")),
             ):
+                batch = self._exact_layout([model], batch)
                 ref_logps = self.compute_ref_log_probs(model, batch)
                 mask = batch["response_mask"]
                 # Pad K across ranks before gathering: batches on different ranks may have different K_max.
@@ -473,6 +508,102 @@ class _KWayRewardTrainer(DPOTrainer):
                 )
             self.accelerator.wait_for_everyone()
         return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    # ------------------------------------------------------------------------------------------------ layout check
+    def _exact_layout(self, models: list, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`inputs` in a layout proven exact for `models` (the forwards this batch goes through).
+
+        The first batch a model meets decides (`_check_layout`): the architecture rules with the built model, then
+        the self-check. After a fallback, batches already collated in the old layout (prefetched, or by dataloader
+        workers holding their own copy of the collator) are re-laid out in the padded layout."""
+        collator = self.data_collator
+        if not isinstance(collator, DataCollatorForKWayReward):
+            return inputs
+        unchecked = [m for m in models if id(self.accelerator.unwrap_model(m)) not in self._layout_checked]
+        if unchecked and (collator.layout, collator.padding_free) != ("padded", False):
+            self._check_layout(unchecked, inputs)
+        self._layout_checked.update(id(self.accelerator.unwrap_model(m)) for m in models)
+        wanted = layout_kind(collator.layout, collator.padding_free)
+        if batch_layout(inputs) == wanted:
+            return inputs
+        padded = dataclasses.replace(
+            collator, layout="padded", padding_free=wanted == "packed", max_length=None, max_prompt_length=None
+        )
+        kept = {key: value for key, value in inputs.items() if key not in _LAYOUT_KEYS}
+        return {**kept, **self._prepare_inputs(padded.collate_sequences(grouped_examples(inputs)))}
+
+    def _check_layout(self, models: list, inputs: dict[str, torch.Tensor]) -> None:
+        """Keep the collator's layout if it is exact for `models`, else fall back to the padded layout (packed where
+        that is exact and wanted) with one logged line, or raise when the layout was asked for explicitly."""
+        collator = self.data_collator
+        candidate = (collator.layout, collator.padding_free)
+        unwrapped = [self.accelerator.unwrap_model(model) for model in models]
+        architecture = next(filter(None, (unsupported_reason(m.config, m) for m in unwrapped)), None)
+        examples = check_examples(inputs)
+        reason = architecture
+        if reason is None and self.args.kway_layout_check:
+            reason = self._layout_difference(models, examples, candidate)
+        if reason is None:
+            return
+        what = "kway_layout='shared_prompt'" if candidate[0] == "shared_prompt" else "padding_free=True"
+        if self.args.kway_layout != "auto":
+            raise ValueError(f"{what} cannot be used with this model: {reason}. Use kway_layout='auto' or 'padded'.")
+        fallback = ("padded", False)
+        attn = getattr(unwrapped[0].config, "_attn_implementation", None) or "sdpa"
+        if candidate[0] == "shared_prompt" and architecture is None and (candidate[1] or "flash" in attn):
+            if self._layout_difference(models, examples, ("padded", True)) is None:
+                fallback = ("padded", True)
+        if self.accelerator.is_main_process:
+            _log_fallback(fallback, reason, unpacked=candidate[1] and not fallback[1])
+        collator.layout, collator.padding_free = fallback
+
+    def _layout_difference(self, models: list, examples: list[dict], layout: tuple[str, bool]) -> str | None:
+        """None if every response's log-prob under `layout` equals the padded layout's (within `logps_tolerance`) for
+        every model, on every process; else why not. One no-grad forward per model and layout, in eval mode."""
+        reference, padded = self._check_logps(models, examples, ("padded", False))
+        n_tokens = self._place_responses(padded["completion_mask"].sum(-1), padded)
+        half = self.args.bf16 or self.args.fp16
+        half = half or any(self.accelerator.unwrap_model(m).dtype in (torch.bfloat16, torch.float16) for m in models)
+        failure = None
+        try:
+            candidate, _ = self._check_logps(models, examples, layout)
+        except Exception as error:  # a foreign forward that cannot take the layout's inputs: not exact
+            failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            candidate = [torch.full_like(logps, math.nan) for logps in reference]
+        mask = padded["response_mask"]
+        stats = [largest_excess(c, r, n_tokens, mask, half) for c, r in zip(candidate, reference)]
+        local = torch.tensor([[max(d for d, _ in stats), max(e for _, e in stats)]], device=self.accelerator.device)
+        difference, excess = self.accelerator.gather(local).max(dim=0).values.tolist()
+        if excess <= 0:
+            return None
+        model_types = sorted({self.accelerator.unwrap_model(m).config.get_text_config().model_type for m in models})
+        name = ("shared-prompt layout" if layout[0] == "shared_prompt" else "padded layout") + (
+            " packed (padding_free)" if layout[1] else ""
+        )
+        if failure is not None or not math.isfinite(difference):
+            failure = failure or "on another process"
+            return f"the {name} fails for {'/'.join(model_types)} on the first batch ({failure})"
+        return (
+            f"a response's log-prob under the {name} differs from the padded layout's by {difference:.3g} nats on the "
+            f"first batch ({'/'.join(model_types)}, {'bf16/fp16' if half else 'fp32'} tolerance)"
+        )
+
+    def _check_logps(self, models: list, examples: list[dict], layout: tuple[str, bool]) -> tuple[list, dict]:
+        """Per-response log-probs `(B, K)` of `examples` under `layout` for each model, and the collated batch."""
+        collator = dataclasses.replace(
+            self.data_collator, layout=layout[0], padding_free=layout[1], max_length=None, max_prompt_length=None
+        )
+        batch = self._prepare_inputs(collator(examples))
+        results = []
+        for model in models:
+            was_training = model.training
+            model.eval()  # no dropout or router noise: both layouts must see the same function
+            try:
+                with torch.no_grad(), self.accelerator.autocast():
+                    results.append(self._forward_logps(model, batch)[1])
+            finally:
+                model.train(was_training)
+        return results, batch
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluation_loop(
@@ -509,6 +640,8 @@ class _KWayRewardTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        live_reference = self.ref_model is not None and not self.precompute_ref_logps
+        inputs = self._exact_layout([model, self.ref_model] if live_reference else [model], inputs)
         outputs, policy_logps = self._forward_logps(model, inputs, aux_loss=self.aux_loss_enabled)
         ref_logps = self._reference_logps(inputs).to(policy_logps.device)
         rewards, mask = inputs["rewards"], inputs["response_mask"]
