@@ -533,6 +533,17 @@ def build_tiny_causal_lm(
     raise AssertionError(f"{model_type}: no attention implementation fallback worked")
 
 
+def check_unbuildable(model_type: str, vocab_size: int = 96) -> None:
+    """Build a type of `UNBUILDABLE` anyway (eager attention) and run the fused-forward check on it; raises what
+    makes it unbuildable, so a test can show that each listed reason still holds."""
+    config = _make_config(CONFIG_MAPPING[model_type], vocab_size, _OVERRIDES.get(model_type, {}))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    if hasattr(model, "set_default_language"):  # X-MOD routes through per-language adapters
+        model.set_default_language(next(iter(config.languages)))
+    _check_fused_forward(model, vocab_size)
+
+
 def _attn_fallback(config: PretrainedConfig, implementation: str | dict[str, str], error: str) -> str | dict[str, str]:
     """`implementation` with eager attention for the (sub-)model that `error` says does not support it."""
     model_class = getattr(transformers, error.split()[0], None)

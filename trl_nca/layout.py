@@ -47,10 +47,6 @@ _RECURRENT_MODULE = re.compile(
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
-def _forward_parameters(model_class: type) -> Mapping[str, inspect.Parameter]:
-    return inspect.signature(model_class.forward).parameters
-
-
 def unsupported_reason(config, model=None) -> str | None:
     """Why the shared-prompt layout (or packing) cannot be exact for a model, from its config and, when the model is
     already built, its class and modules; None when nothing rules it out (the first-batch self-check still runs)."""
@@ -72,7 +68,7 @@ def unsupported_reason(config, model=None) -> str | None:
     if model is None:
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "position_ids" not in _forward_parameters(type(base)):
+    if "position_ids" not in inspect.signature(type(base).forward).parameters:
         return f"{model_type}'s forward takes no `position_ids` (positions follow token indices or the mask)"
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
     for module in (decoder or base).modules():
@@ -160,10 +156,7 @@ def check_examples(batch: Mapping[str, torch.Tensor], n_prompts: int = 2) -> lis
             example["completion_ids"].append(only[::-1] if len(only) > 1 else only + example["prompt_ids"][-1:])
     if len(examples) < n_prompts:
         examples = examples + [dict(examples[0])] * (n_prompts - len(examples))
-    for example in examples:
-        k = len(example["completion_ids"])
-        example["rewards"] = [0.0] * k
-    return examples
+    return [{**example, "rewards": [0.0] * len(example["completion_ids"])} for example in examples]
 
 
 def logps_tolerance(reference: torch.Tensor, n_tokens: torch.Tensor, half_precision: bool) -> torch.Tensor:

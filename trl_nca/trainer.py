@@ -526,11 +526,15 @@ class _KWayRewardTrainer(DPOTrainer):
         wanted = layout_kind(collator.layout, collator.padding_free)
         if batch_layout(inputs) == wanted:
             return inputs
-        padded = dataclasses.replace(
-            collator, layout="padded", padding_free=wanted == "packed", max_length=None, max_prompt_length=None
-        )
+        padded = self._layout_collator(("padded", wanted == "packed"))
         kept = {key: value for key, value in inputs.items() if key not in _LAYOUT_KEYS}
         return {**kept, **self._prepare_inputs(padded.collate_sequences(grouped_examples(inputs)))}
+
+    def _layout_collator(self, layout: tuple[str, bool]) -> DataCollatorForKWayReward:
+        """The trainer's collator in another (layout, padding_free), for rows that are already truncated."""
+        return dataclasses.replace(
+            self.data_collator, layout=layout[0], padding_free=layout[1], max_length=None, max_prompt_length=None
+        )
 
     def _check_layout(self, models: list, inputs: dict[str, torch.Tensor]) -> None:
         """Keep the collator's layout if it is exact for `models`, else fall back to the padded layout (packed where
@@ -539,9 +543,9 @@ class _KWayRewardTrainer(DPOTrainer):
         candidate = (collator.layout, collator.padding_free)
         unwrapped = [self.accelerator.unwrap_model(model) for model in models]
         architecture = next(filter(None, (unsupported_reason(m.config, m) for m in unwrapped)), None)
-        examples = check_examples(inputs)
+        examples = check_examples(inputs) if self.args.kway_layout_check else []
         reason = architecture
-        if reason is None and self.args.kway_layout_check:
+        if reason is None and examples:
             reason = self._layout_difference(models, examples, candidate)
         if reason is None:
             return
@@ -590,10 +594,7 @@ class _KWayRewardTrainer(DPOTrainer):
 
     def _check_logps(self, models: list, examples: list[dict], layout: tuple[str, bool]) -> tuple[list, dict]:
         """Per-response log-probs `(B, K)` of `examples` under `layout` for each model, and the collated batch."""
-        collator = dataclasses.replace(
-            self.data_collator, layout=layout[0], padding_free=layout[1], max_length=None, max_prompt_length=None
-        )
-        batch = self._prepare_inputs(collator(examples))
+        batch = self._prepare_inputs(self._layout_collator(layout)(examples))
         results = []
         for model in models:
             was_training = model.training
