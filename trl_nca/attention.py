@@ -123,10 +123,10 @@ def mask_nbytes(mask) -> int:
 
 
 def router_token_mask(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """`(B, L)` bool: the tokens of a batch with a `padding_mask` (shared-prompt or packed) that the MoE aux loss
-    counts: the real tokens, less, in the shared-prompt layout, the copies of the last prompt token at the head of
-    every branch after the first (the first copy stands for that token)."""
-    real = inputs["padding_mask"].bool()
+    """`(B, L)` bool: the tokens of a batch that the MoE aux loss counts: the real tokens (`padding_mask`, or the 2D
+    `attention_mask` of padded rows), less, in the shared-prompt layout, the copies of the last prompt token at the
+    head of every branch after the first (the first copy stands for that token)."""
+    real = inputs["padding_mask" if "padding_mask" in inputs else "attention_mask"].bool()
     if "branch_ids" not in inputs:
         return real
     return real & ~((inputs["branch_ids"] > 1) & (inputs["completion_mask"] == 0))

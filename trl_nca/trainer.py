@@ -43,7 +43,7 @@ from .layout import (
     layout_kind,
     unsupported_reason,
 )
-from .moe import load_balancing_loss, record_router_logits
+from .moe import declares_router_logits, load_balancing_loss, record_router_logits
 
 logger = logging.get_logger(__name__)
 
@@ -355,10 +355,10 @@ class _KWayRewardTrainer(DPOTrainer):
         mask = self._attention_mask(model, inputs)
         if mask is not None:
             kwargs["attention_mask"] = mask
-        # Shared-prompt and packed rows give the model no 2D padding mask to weight its MoE aux loss with: it must not
-        # compute one (`_forward_logps` computes it from the recorded router logits where it is wanted).
+        # The model never computes its own MoE aux loss (it would lose its gradient under reentrant checkpointing, and
+        # shared-prompt and packed rows give it no 2D padding mask): `_forward_logps` computes it where it is wanted.
         config = self.accelerator.unwrap_model(model).config.get_text_config()
-        if "padding_mask" in inputs and hasattr(config, "output_router_logits"):
+        if hasattr(config, "output_router_logits"):
             kwargs["output_router_logits"] = False
         return kwargs
 
@@ -391,16 +391,18 @@ class _KWayRewardTrainer(DPOTrainer):
     def _forward_logps(self, model, inputs: dict[str, torch.Tensor], aux_loss: bool = False):
         """One forward through the fused LM head; returns the outputs and per-response log-probs `(B, K_max)`.
 
-        With `aux_loss`, `outputs.aux_loss` is the MoE load-balancing loss over the batch's real tokens: the model's
-        own (TRL's fused head) for padded rows, and for the shared-prompt and packed layouts one computed from the
-        recorded router logits (each prompt token once under the shared prompt).
+        With `aux_loss`, `outputs.aux_loss` is the MoE load-balancing loss over the batch's real tokens, computed from
+        the recorded router logits (`trl_nca.moe`, with their gradient under any checkpointing) over the tokens of
+        `router_token_mask`: for padded rows those of the 2D mask, as the model's own loss counts them; under the
+        shared prompt each prompt token once. A model whose router logits transformers does not record (llama4)
+        computes its own, on padded rows only.
         """
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         model_inputs = self._model_inputs(model, inputs)
-        record = aux_loss and "padding_mask" in inputs  # see `_model_inputs`; counted over `router_token_mask`
+        unwrapped = self.accelerator.unwrap_model(model)
+        record = aux_loss and ("padding_mask" in inputs or declares_router_logits(unwrapped))
         if aux_loss and not record:
             model_inputs["output_router_logits"] = True
-        unwrapped = self.accelerator.unwrap_model(model)
         with record_router_logits(unwrapped) if record else contextlib.nullcontext() as router_logits:
             outputs = model(**model_inputs, use_cache=False, labels=labels, fused_lm_head=True)
         if record:
