@@ -4,16 +4,25 @@ The collator describes each token with three integers (see `trl_nca.collator`): 
 row it belongs to, -1 for padding), `branch_ids` (0 for the prompt, k + 1 for the k-th response, -1 for padding) and
 `position_ids`. One rule gives the mask: a query token attends a key token when both belong to the same prompt, the key
 is in the prompt or in the query's own branch, and the key's position is not after the query's (within the sliding
-window, for models that have one). Padding only sees padding, which keeps every softmax row non-empty.
+window, for models that have one). A padding token sees itself only, which keeps every softmax row non-empty and, under
+FlexAttention, costs one block per block of padding (the diagonal one) instead of every padding block against every
+other.
 
 The rule is evaluated as a dense `(B, 1, L, L)` mask for sdpa (bool) and eager (additive, in the model's dtype), or as
 a FlexAttention `BlockMask` whose block sparsity skips the other prompts and the other branches. Nothing quadratic is
 ever built on the host.
+
+Compilation (past `torch._dynamo.config.recompile_limit`, 8, torch runs FlexAttention eagerly, which materialises
+every score): our `BlockMask` builder is compiled once per process with dynamic lengths, and its `mask_mod` is one
+closure for every sliding window (see `block_mask`). transformers compiles the `flex_attention` kernel itself, once per
+process (`compile_friendly_flex_attention`, automatic dynamic shapes): a static graph for the first length, then one
+dynamic graph for every later length, per grad mode (policy forward; reference and evaluation forwards); dynamo gives
+a batch of one row or of one block a graph of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -23,12 +32,15 @@ FLEX_BLOCK_SIZE = 128
 LAYOUT_METADATA_KEYS = ("sequence_ids", "branch_ids", "position_ids")
 
 
-def attends(seq_q, seq_k, branch_q, branch_k, pos_q, pos_k, sliding_window: int | None = None):
-    """The shared-prompt rule, elementwise on broadcastable tensors: True where the query may attend the key."""
-    allowed = (seq_q == seq_k) & ((branch_k == 0) | (branch_k == branch_q)) & (pos_k <= pos_q)
+def attends(seq_q, seq_k, branch_q, branch_k, pos_q, pos_k, q_idx, kv_idx, sliding_window=None):
+    """The shared-prompt rule, elementwise on broadcastable tensors: True where the query may attend the key.
+
+    `q_idx`/`kv_idx` are the tokens' indices in their row (a padding token sees itself only); `sliding_window` is None,
+    an int, or a 0-dim tensor."""
+    allowed = (seq_q >= 0) & (seq_q == seq_k) & ((branch_k == 0) | (branch_k == branch_q)) & (pos_k <= pos_q)
     if sliding_window is not None:
         allowed = allowed & (pos_q - pos_k < sliding_window)
-    return allowed
+    return allowed | (q_idx == kv_idx)
 
 
 def dense_mask(
@@ -39,6 +51,7 @@ def dense_mask(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The `(B, 1, L, L)` mask on the metadata's device: bool (True = attend) or, with a float `dtype`, additive."""
+    index = torch.arange(sequence_ids.size(1), device=sequence_ids.device)
     allowed = attends(
         sequence_ids.unsqueeze(2),
         sequence_ids.unsqueeze(1),
@@ -46,6 +59,8 @@ def dense_mask(
         branch_ids.unsqueeze(1),
         position_ids.unsqueeze(2),
         position_ids.unsqueeze(1),
+        index.unsqueeze(1),
+        index.unsqueeze(0),
         sliding_window,
     ).unsqueeze(1)
     if dtype is None or dtype == torch.bool:
@@ -53,14 +68,7 @@ def dense_mask(
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def block_mask(
-    sequence_ids: torch.Tensor,
-    branch_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    sliding_window: int | None = None,
-):
-    """A FlexAttention `BlockMask` for the rule, built on the metadata's device (compiled on CUDA, so the full mask
-    is never materialised there)."""
+def _build_block_mask(sequence_ids, branch_ids, position_ids, window: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -71,12 +79,51 @@ def block_mask(
             branch_ids[b, kv_idx],
             position_ids[b, q_idx],
             position_ids[b, kv_idx],
-            sliding_window,
+            q_idx,
+            kv_idx,
+            window,
         )
 
     n_rows, length = sequence_ids.shape
-    device = sequence_ids.device
-    return create_block_mask(mask_mod, n_rows, None, length, length, device=device, _compile=device.type == "cuda")
+    return create_block_mask(mask_mod, n_rows, None, length, length, device=sequence_ids.device)
+
+
+_compiled_block_mask_builder: Callable | None = None
+
+
+def _block_mask_builder() -> Callable:
+    """`_build_block_mask` compiled once per process (as transformers' `WrappedFlexAttention` compiles
+    `flex_attention`), not per batch: `create_block_mask(_compile=True)` wraps it anew and warns on every call."""
+    global _compiled_block_mask_builder
+    if _compiled_block_mask_builder is None:
+        # dynamic=True: the lengths (multiples of the block size) are symbolic from the first batch, so one graph
+        # serves them all; dynamo still specialises sizes of 1 (a single row, a single block), at most 4 graphs.
+        _compiled_block_mask_builder = torch.compile(_build_block_mask, dynamic=True)
+    return _compiled_block_mask_builder
+
+
+def block_mask(
+    sequence_ids: torch.Tensor,
+    branch_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    sliding_window: int | None = None,
+    compiled: bool | None = None,
+):
+    """A FlexAttention `BlockMask` for the rule, built on the metadata's device.
+
+    `compiled` (default: on every device but the CPU) builds it with the compiled builder, which never materialises the
+    full mask; the CPU builds it eagerly (torch 2.13 has no FlexAttention backward there, so flex only evaluates on a
+    CPU, and inductor's C++ compile of the builder takes ~25 s). The window is a 0-dim tensor ("no window": the
+    largest position): the returned `mask_mod` is then the same closure (to dynamo's guards) for every layer type, so
+    the compiled `flex_attention` does not compile one graph per window.
+    """
+    if compiled is None:
+        compiled = sequence_ids.device.type != "cpu"
+    no_window = torch.iinfo(position_ids.dtype).max
+    window = position_ids.new_full((), no_window if sliding_window is None else sliding_window)
+    builder = _block_mask_builder() if compiled else _build_block_mask
+    with torch.no_grad():  # one graph for the training, reference and evaluation forwards alike
+        return builder(sequence_ids, branch_ids, position_ids, window)
 
 
 def attention_windows(text_config) -> int | None | dict[str, int | None]:

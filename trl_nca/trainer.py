@@ -114,11 +114,21 @@ def _attn_implementation(args: _RewardAlignmentConfig, model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "sdpa"
 
 
-def _pad_multiple(args: _RewardAlignmentConfig, model) -> int | None:
-    """`pad_to_multiple_of`, rounded up to FlexAttention's block size under flex_attention (see `attention`)."""
-    if _attn_implementation(args, model) != "flex_attention":
-        return args.pad_to_multiple_of
-    return math.lcm(args.pad_to_multiple_of or 1, FLEX_BLOCK_SIZE)
+# torch's memory-efficient sdpa kernel needs the mask's row stride to be a multiple of 8 elements, or it pads the mask
+# into a new buffer on every call: `preprocess_mask` (`mem_eff_alignment = 8`) in
+# aten/src/ATen/native/transformers/attention.cpp; inductor mirrors it (`ALIGNMENT = 8`, torch/_inductor/lowering.py).
+_SDPA_MASK_ALIGNMENT = 8
+
+
+def _pad_multiple(args: _RewardAlignmentConfig, model, layout: str) -> int | None:
+    """`pad_to_multiple_of`, rounded up to what the attention kernel wants of the rows: FlexAttention's block size
+    under flex_attention (see `attention`), sdpa's mask alignment for the shared-prompt layout's mask under sdpa."""
+    attn = _attn_implementation(args, model)
+    if attn == "flex_attention":
+        return math.lcm(args.pad_to_multiple_of or 1, FLEX_BLOCK_SIZE)
+    if attn == "sdpa" and layout == "shared_prompt":
+        return math.lcm(args.pad_to_multiple_of or 1, _SDPA_MASK_ALIGNMENT)
+    return args.pad_to_multiple_of
 
 
 _NCA_CITATION = textwrap.dedent(
@@ -210,7 +220,7 @@ class _KWayRewardTrainer(DPOTrainer):
                 pad_token_id=tokenizer.convert_tokens_to_ids(pad_token),
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=_pad_multiple(args, model),
+                pad_to_multiple_of=_pad_multiple(args, model, layout),
                 layout=layout,
                 padding_free=packed,
                 max_prompt_length=args.max_prompt_length,
