@@ -26,7 +26,8 @@ With `padding_free=True` the whole batch is packed into a single row with no pad
 end, to `pad_to_multiple_of`): the shared-prompt layout puts every prompt with its branches one after the other
 (`sequence_ids` tell them apart, positions restart per prompt); the padded layout concatenates every prompt+response
 sequence, with `position_ids` restarting at 0 per sequence and no `attention_mask`, from which transformers derives
-the packed causal mask (FlashAttention's variable-length path, or a block-diagonal mask for sdpa/eager/flex).
+the packed causal mask (a block-diagonal mask for sdpa/eager/flex), plus the sequence boundaries FlashAttention's
+variable-length path takes (`cu_seq_lens_q/k`, `max_length_q/k`: see `varlen_kwargs`).
 
 The trainer sums token log-probs per response with `completion_mask` (and `response_ids` when present) and places
 them in `(B, K_max)` with `response_index`, so the layout never reaches the loss.
@@ -64,6 +65,21 @@ def truncate_like_the_authors(
     if len(prompt) + longest > max_length:
         completions = [completion[: max_length - max_prompt_length] for completion in completions]
     return prompt, completions
+
+
+def varlen_kwargs(lengths: list[int]) -> dict[str, torch.Tensor | int]:
+    """The boundaries of sequences of `lengths` packed into one row, as transformers' variable-length attention takes
+    them (`cu_seq_lens_q/k`: int32 cumulative lengths; `max_length_q/k`: host ints). Given these, FlashAttention skips
+    deriving them from `position_ids` on the device (a sync per layer); sdpa, eager and flex ignore them."""
+    lengths = [length for length in lengths if length]  # an empty sequence has no position 0 to derive it from
+    cu_seq_lens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    max_length = max(lengths, default=0)
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
 
 
 @dataclass
@@ -198,6 +214,7 @@ class DataCollatorForKWayReward:
             "completion_mask": torch.cat(completion_mask).unsqueeze(0),
             "response_ids": torch.cat(response_ids).unsqueeze(0),
             "padding_mask": (torch.arange(n_real + n_pad) < n_real).long().unsqueeze(0),
+            **varlen_kwargs([ids.numel() for ids in input_ids]),
         }
 
     def _padding_to_multiple(self, length: int) -> int:

@@ -47,7 +47,10 @@ from .moe import declares_router_logits, load_balancing_loss, record_router_logi
 
 logger = logging.get_logger(__name__)
 
-_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+# The packed padded layout's sequence boundaries (`collator.varlen_kwargs`) go to the model too: FlashAttention would
+# otherwise re-derive them from `position_ids` with device syncs in every layer; other attention ignores them.
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", *_VARLEN_KEYS)
 _MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 # Model-input keys of the layouts (see `trl_nca.collator`); the other batch keys are per prompt.
 _LAYOUT_KEYS = (*_MODEL_INPUT_KEYS, "completion_mask", "sequence_ids", "branch_ids", "response_ids", "padding_mask")
@@ -570,7 +573,7 @@ class _KWayRewardTrainer(DPOTrainer):
             if self._layout_difference(models, examples, ("padded", True)) is None:
                 fallback = ("padded", True)
         if self.accelerator.is_main_process:
-            _log_fallback(fallback, reason, unpacked=candidate[1] and not fallback[1])
+            _log_fallback(fallback, reason, unpacked=bool(self.args.padding_free) and not fallback[1])
         collator.layout, collator.padding_free = fallback
 
     def _layout_difference(self, models: list, examples: list[dict], layout: tuple[str, bool]) -> str | None:
