@@ -156,25 +156,79 @@ def test_standard_prompts_sample_text_completions(tiny_model_dir, tokenizer):
     assert first.completion_ids == second.completion_ids  # greedy: identical
 
 
-def test_vllm_backend_passes_the_sampling_options_and_decodes_like_transformers(
-    monkeypatch, tiny_model_dir, tokenizer
-):
-    """vLLM is not installable here: a fake module records what the backend asks of it."""
-    calls = {}
+# vLLM 0.32.0's rule, vllm/sampling_params.py: below `_SAMPLING_EPS` the temperature means greedy sampling, and
+# `SamplingParams.__post_init__` then calls `_verify_greedy_sampling`, which refuses `n > 1`.
+VLLM_SAMPLING_EPS = 1e-5
+
+
+def fake_vllm(monkeypatch, tokenizer, calls: dict, shutdown_error: Exception | None = None) -> None:
+    """Install a stand-in `vllm` package (vLLM is not installed in the main environment; tests/test_vllm_real.py runs
+    the real one). It records what the backend asks of it, validates `SamplingParams` as vLLM 0.32 does, answers
+    `generate` with completion `j` of every prompt = " four" + `j` times " cat" (so copies and distinct samples differ),
+    and tears down like vLLM's in-process engine: `engine_core.shutdown()` and `destroy_distributed_environment()`
+    destroy torch's default process group (vllm/v1/engine/core.py `EngineCore.shutdown` ->
+    `cleanup_dist_env_and_memory`)."""
+    calls.setdefault("shutdown", 0)
+    calls.setdefault("destroyed", [])
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+            if self.temperature < VLLM_SAMPLING_EPS and self.n > 1:
+                raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+
+    def destroy_default_group():
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    class EngineCore:
+        def shutdown(self):
+            calls["shutdown"] += 1
+            if shutdown_error is not None:
+                raise shutdown_error
+            destroy_default_group()
 
     class FakeLLM:
         def __init__(self, **kwargs):
             calls["llm"] = kwargs
+            self.llm_engine = types.SimpleNamespace(engine_core=EngineCore())
 
         def generate(self, prompts, params, use_tqdm):
             calls["prompts"], calls["params"] = prompts, params
             ids = tokenizer(" four", add_special_tokens=False)["input_ids"]
+            cat = tokenizer(" cat", add_special_tokens=False)["input_ids"]
             stop = tokenizer.convert_tokens_to_ids("<|end|>")
-            outputs = [types.SimpleNamespace(token_ids=ids + [stop, 7, 7]) for _ in range(params.n)]
+            outputs = [types.SimpleNamespace(token_ids=ids + cat * j + [stop, 7, 7]) for j in range(params.n)]
             return [types.SimpleNamespace(outputs=outputs) for _ in prompts]
 
-    fake = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
-    monkeypatch.setitem(sys.modules, "vllm", fake)
+    def destroy_model_parallel():
+        calls["destroyed"].append("model_parallel")
+
+    def destroy_distributed_environment():
+        calls["destroyed"].append("distributed_environment")
+        destroy_default_group()
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = FakeLLM, SamplingParams
+    distributed = types.ModuleType("vllm.distributed")
+    parallel_state = types.ModuleType("vllm.distributed.parallel_state")
+    parallel_state.destroy_model_parallel = destroy_model_parallel
+    parallel_state.destroy_distributed_environment = destroy_distributed_environment
+    vllm.distributed, distributed.parallel_state = distributed, parallel_state
+    for name, module in (
+        ("vllm", vllm),
+        ("vllm.distributed", distributed),
+        ("vllm.distributed.parallel_state", parallel_state),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_vllm_backend_passes_the_sampling_options_and_decodes_like_transformers(
+    monkeypatch, tiny_model_dir, tokenizer
+):
+    """The stand-in module records what the backend asks of vLLM and what it decodes from vLLM's token ids."""
+    calls = {}
+    fake_vllm(monkeypatch, tokenizer, calls)
     options = SamplingOptions(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=12)
     sampler = VLLMSampler(tiny_model_dir, tokenizer, options, dtype="float32")
     prompts = [row["prompt"] for row in _conversational(2)]
@@ -188,10 +242,76 @@ def test_vllm_backend_passes_the_sampling_options_and_decodes_like_transformers(
     ]
     assert calls["prompts"][0]["prompt_token_ids"] == list(expected_prompt)
     assert calls["llm"]["model"] == tiny_model_dir
-    assert [[s.completion[0]["content"] for s in row] for row in rows] == [[" four"] * 3] * 2
+    assert [[s.completion[0]["content"] for s in row] for row in rows] == [[" four", " four cat", " four cat cat"]] * 2
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match="pip install vllm"):
         VLLMSampler(tiny_model_dir, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [SamplingOptions(do_sample=False, max_new_tokens=12), SamplingOptions(temperature=0.0, max_new_tokens=12)],
+    ids=["do_sample_false", "temperature_0"],
+)
+def test_vllm_greedy_sampling_returns_k_copies_of_one_completion(monkeypatch, tiny_model_dir, tokenizer, options):
+    """vLLM refuses `n > 1` with greedy sampling: the backend asks for one completion and copies it K times, as the
+    transformers backend does."""
+    calls = {}
+    fake_vllm(monkeypatch, tokenizer, calls)
+    sampler = VLLMSampler(tiny_model_dir, tokenizer, options, dtype="float32")
+    rows = sampler.sample([row["prompt"] for row in _conversational(2)], 4, seed=0)
+    params = calls["params"]
+    assert (params.n, params.temperature, params.max_tokens) == (1, 0.0, 12)
+    four = tokenizer(" four", add_special_tokens=False)["input_ids"]
+    assert [[s.completion_ids for s in row] for row in rows] == [[four] * 4] * 2
+    assert all(s.finished and s.completion[0]["content"] == " four" for row in rows for s in row)
+    assert len({id(s) for row in rows for s in row}) == 8  # copies, not one shared (mutable) Sample
+
+
+def test_vllm_close_shuts_the_engine_down_and_keeps_the_launchers_process_group(
+    monkeypatch, tmp_path, tiny_model_dir, tokenizer
+):
+    """`close()` shuts the engine down and tears down vLLM's parallel state (an in-process engine otherwise keeps its
+    weights and KV cache until garbage collection), without destroying the process group that `accelerate launch`
+    made before the engine (vLLM's teardown destroys torch's default group; the run's barriers still need it)."""
+    calls = {}
+    fake_vllm(monkeypatch, tokenizer, calls)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sampler = VLLMSampler(tiny_model_dir, tokenizer, dtype="float32")
+        sampler.close()
+        assert calls["shutdown"] == 1 and calls["destroyed"] == ["model_parallel", "distributed_environment"]
+        assert torch.distributed.is_initialized()
+        torch.distributed.barrier()  # the launcher's group still works
+        assert sampler.llm is None
+        sampler.close()  # a second close is a no-op
+        assert calls["shutdown"] == 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    # Without a launcher's group (one process), the group vLLM made for itself is vLLM's to destroy.
+    calls.clear()
+    fake_vllm(monkeypatch, tokenizer, calls)
+    sampler = VLLMSampler(tiny_model_dir, tokenizer, dtype="float32")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    try:
+        sampler.close()
+        assert calls["shutdown"] == 1 and not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_a_failed_vllm_shutdown_is_one_warning_not_an_error(monkeypatch, tiny_model_dir, tokenizer, caplog):
+    calls = {}
+    fake_vllm(monkeypatch, tokenizer, calls, shutdown_error=RuntimeError("engine core died"))
+    sampler = VLLMSampler(tiny_model_dir, tokenizer, dtype="float32", name="policy_a")
+    with caplog.at_level("WARNING", logger="trl_nca.generation"):
+        sampler.close()
+    assert calls["shutdown"] == 1 and sampler.llm is None
+    (record,) = [r for r in caplog.records if r.name == "trl_nca.generation"]
+    message = record.getMessage()
+    assert "\n" not in message and "policy_a" in message and "RuntimeError: engine core died" in message
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,17 +13,26 @@ before. That is what makes `trl_nca.reward_data` resumable and identical on one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
 from trl.data_utils import is_conversational
 
+logger = logging.get_logger(__name__)
+
 Prompt = str | list[dict[str, Any]]
+
+# vLLM samples greedily below this temperature and then refuses `n > 1` (vllm/sampling_params.py: `_SAMPLING_EPS`,
+# `SamplingParams._verify_greedy_sampling`).
+_VLLM_GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -204,13 +213,36 @@ class TransformersSampler(Sampler):
 
     def close(self) -> None:  # noqa: D102
         self.model = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        clear_device_cache(garbage_collection=True)
+
+
+@contextlib.contextmanager
+def _keeping_default_process_group(keep: bool) -> Iterator[None]:
+    """While tearing vLLM down, skip its destruction of torch's default process group when `keep` (the group is the
+    launcher's: under `external_launcher` vLLM builds on it, and its in-process teardown,
+    `cleanup_dist_env_and_memory`, destroys it, which would break the run's next barrier). Subgroups still go."""
+    dist = torch.distributed
+    if not keep:
+        yield
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_subgroups(group: Any = None) -> None:
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_subgroups
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
 
 
 class VLLMSampler(Sampler):
     """Sampling with vLLM (`pip install vllm`), as TRL's `use_vllm` does: prompts go in as token ids rendered by the
-    same rules, completions come back as token ids decoded like the transformers backend's."""
+    same rules, completions come back as token ids decoded like the transformers backend's. Greedy decoding
+    (`do_sample=False` or a temperature of 0) samples once per prompt and copies, as vLLM allows one greedy sample.
+    `close()` shuts the engine down, so the next model of a pool (or a reward model) gets its memory."""
 
     def __init__(
         self,
@@ -238,6 +270,8 @@ class VLLMSampler(Sampler):
         )
         if world_size > 1:  # one engine per process on its own GPU, as TRL's colocate mode starts them
             kwargs["distributed_executor_backend"] = "external_launcher"
+        # A process group that exists before the engine is the launcher's, and must outlive it.
+        self._keep_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = tokenizer
         self.options = options
@@ -254,25 +288,50 @@ class VLLMSampler(Sampler):
         conversational = is_conversational({"prompt": prompts[0]})
         encoded = encode_prompts(self.tokenizer, prompts, self.tools, self.chat_template_kwargs)
         options = self.options
+        sampling = options.do_sample and options.temperature >= _VLLM_GREEDY_BELOW
+        copies = 1 if sampling else num_samples  # greedy: the num_samples completions are one and the same
         params = self.vllm.SamplingParams(
-            n=num_samples,
-            temperature=options.temperature if options.do_sample else 0.0,
-            top_p=options.top_p if options.do_sample else 1.0,
-            top_k=options.top_k if options.do_sample and options.top_k > 0 else -1,
+            n=num_samples // copies,
+            temperature=options.temperature if sampling else 0.0,
+            top_p=options.top_p if sampling else 1.0,
+            top_k=options.top_k if sampling and options.top_k > 0 else -1,
             max_tokens=options.max_new_tokens,
             stop_token_ids=self.stop_ids,
             seed=seed % (2**31),
         )
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         return [
-            [decode_sample(self.tokenizer, list(o.token_ids), self.stop_ids, conversational) for o in output.outputs]
+            [
+                decode_sample(self.tokenizer, list(o.token_ids), self.stop_ids, conversational)
+                for o in output.outputs
+                for _ in range(copies)
+            ]
             for output in outputs
         ]
 
-    def close(self) -> None:  # noqa: D102
-        self.llm = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def close(self) -> None:
+        """Shut the engine down and free its memory. An in-process engine (`external_launcher`, or
+        `VLLM_ENABLE_V1_MULTIPROCESSING=0`) holds the weights and KV cache until it is collected, and an engine process
+        until its client is; the launcher's process group is kept. A failed shutdown is a warning, not an error."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        try:
+            with _keeping_default_process_group(self._keep_process_group):
+                llm.llm_engine.engine_core.shutdown()
+                # vLLM's recipe for freeing an engine; a no-op in 0.32, whose in-process shutdown already did it.
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+                destroy_model_parallel()
+                destroy_distributed_environment()
+        except Exception as error:
+            reason = " ".join(f"{type(error).__name__}: {error}".split())
+            logger.warning(
+                f"vLLM engine of {self.name} did not shut down cleanly ({reason}); its memory may not be freed before "
+                "the next model loads."
+            )
+        del llm
+        clear_device_cache(garbage_collection=True)
 
 
 def generate_completions(
