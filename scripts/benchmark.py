@@ -35,9 +35,13 @@ callback timestamps each optimizer step. Layouts (`LAYOUT_SPECS`):
   `precompute_ref_log_probs=True`: the reference pass runs once over the dataset when the trainer is built
   (`precompute_s`, not in the step time) and the steps run the policy only.
 
-Layouts the device cannot run (flex and FlashAttention-2 on CPU, FlashAttention-2 without `flash_attn` or in fp32)
-are skipped with a printed line and recorded under `skipped` in the JSON, unless named in `--layouts`: then the script
-stops with a one-line error.
+Layouts the device cannot run (flex and FlashAttention-2 on CPU; FlashAttention-2 in fp32 or where transformers'
+`is_flash_attn_2_available()`, the check it makes when a model is loaded with it, is False) are skipped with a printed
+line and recorded under `skipped` in the JSON, unless named in `--layouts`: then the script stops with a one-line
+error. A layout that fails while it runs (a flash-attn wheel built for another torch, Triton without a compiler, out of
+memory, a worker process killed) does not stop the others: its error, one line (the exception type and message), is
+recorded under `mixes.<mix>.failed` and `failed` in the JSON and as a FAILED row of the table, and the script exits
+non-zero only when every layout failed.
 
 Data mixes (`--mix`, one result per mix in the JSON, under `mixes`): synthetic token ids, log-normal lengths
 (`MIXES`), K = 4 responses per prompt:
@@ -126,7 +130,6 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -134,11 +137,13 @@ import platform
 import random
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,6 +164,7 @@ import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from transformers.models.mistral import modeling_mistral  # noqa: E402
+from transformers.utils import is_flash_attn_2_available  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from trl_nca import NCAConfig, NCATrainer  # noqa: E402
@@ -529,11 +535,20 @@ def unavailable_reason(layout: str, device: str, dtype: str) -> str | None:
     if attn == "flash_attention_2":
         if device != "cuda":
             return "FlashAttention-2 runs on CUDA only"
-        if importlib.util.find_spec("flash_attn") is None:
-            return "flash_attn is not installed"
+        if not is_flash_attn_2_available():
+            return (
+                "FlashAttention-2 is not available: transformers.utils.is_flash_attn_2_available() is False (no "
+                "flash-attn >= 2.3.3 installed that transformers would use)"
+            )
         if dtype != "bf16":
             return "FlashAttention-2 needs bf16 (--dtype bf16)"
     return None
+
+
+def error_line(error: BaseException) -> str:
+    """`error` as one line: its type and the first line of its message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else '(no message)'}"
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -736,7 +751,9 @@ def run_layout(
     """Train `warmup + steps` steps of one layout through its real trainer and return its timings and counts.
 
     With `turns`, building the trainer (and any reference precompute) is one turn and every step is one turn, so
-    several layout processes can be interleaved step by step by the driver.
+    several layout processes can be interleaved step by step by the driver. `settings` may also set
+    `gradient_checkpointing_kwargs` and `logging_steps` (scripts/gpu_check.py logs every step); the result carries the
+    logged losses and gradient norms (`logged`) and the layout the trainer ended in (`trained_layout`).
     """
     turns = turns or _Turns()
     turns.wait()
@@ -785,10 +802,11 @@ def run_layout(
         report_to="none",
         save_strategy="no",
         gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
+        gradient_checkpointing_kwargs=settings.get("gradient_checkpointing_kwargs"),
         learning_rate=1e-6,
         beta=0.1,
         max_steps=total_steps,
-        logging_steps=total_steps,
+        logging_steps=settings.get("logging_steps") or total_steps,
         max_length=None,  # rows are already cut to max_length per prompt+response
         train_sampling_strategy="sequential",  # step i takes prompts [i*B, (i+1)*B) in every layout
         disable_tqdm=True,
@@ -865,10 +883,19 @@ def run_layout(
         raise RuntimeError(f"{layout}: expected {total_steps} steps, timed {len(timer.end)}.")
     warmup = settings["warmup"]
     timed = counter.batches[warmup:total_steps]
+    collator = trainer.data_collator.inner
     return {
         "trainer": "trl.DPOTrainer" if spec["trainer"] == "dpo" else "trl_nca.NCATrainer",
-        "collator_layout": getattr(trainer.data_collator.inner, "layout", "trl.DataCollatorForPreference"),
+        "collator_layout": getattr(collator, "layout", "trl.DataCollatorForPreference"),
         "padding_free": padding_free,
+        # after training: the first-batch layout check may have fallen back (kway_layout="auto" only)
+        "trained_layout": [getattr(collator, "layout", None), bool(getattr(collator, "padding_free", False))],
+        # the trainer's logs (every `logging_steps`): loss and gradient norm (before clipping)
+        "logged": [
+            {key: log[key] for key in ("step", "loss", "grad_norm") if key in log}
+            for log in trainer.state.log_history
+            if "loss" in log
+        ],
         "attn_implementation": attn,
         "reference_in_step": not precompute,
         "prompts_per_step": prompts_per_step,
@@ -963,7 +990,12 @@ def _worker(spec_path: str, result_path: str, go_fd: int | None = None, done_fd:
         spec = json.load(f)
     with open(spec["rows_path"]) as f:
         rows = json.load(f)
-    result = run_layout(spec["layout"], rows, spec["settings"], _Turns(go_fd, done_fd))
+    try:
+        result = run_layout(spec["layout"], rows, spec["settings"], _Turns(go_fd, done_fd))
+    except Exception as error:  # the driver records the error and goes on with the other layouts
+        with open(result_path, "w") as f:
+            json.dump({"error": error_line(error)}, f)
+        raise
     with open(result_path, "w") as f:
         json.dump(result, f)
 
@@ -983,7 +1015,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl.__version__,
-        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+        "flash_attn": is_flash_attn_2_available(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
@@ -1175,17 +1207,39 @@ def format_table(mix_result: dict[str, Any]) -> str:
             f"{row['tokens_per_s']:.0f} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
             f"{row['peak_mem_mb']:.0f} | {row['peak_mem_delta_mb']:.0f} |"
         )
+    n_cells = header.count("|") - 1
+    for name, error in mix_result.get("failed", {}).items():
+        cell = "FAILED: " + error.replace("|", "/")
+        lines.append(f"| {name} | {cell} |" + " - |" * (n_cells - 2))
     return "\n".join(lines)
+
+
+def _worker_failure(result_path: str, returncode: int) -> str:
+    """Why a worker process gave no result: the error it recorded, else how it ended."""
+    try:
+        with open(result_path) as f:
+            return json.load(f)["error"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"WorkerKilled: the worker process was killed by {name}{hint}"
+    return f"WorkerExited: the worker process exited with code {returncode} without a result"
 
 
 def _interleaved(
     layouts: Sequence[str], rows_path: str, settings: dict[str, Any], tmp: str, total_turns: int
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Run `layouts` in one subprocess each, alive together, and give them the machine one at a time.
 
     Turn 0 builds each trainer; turn i >= 1 runs each layout's step i, the order reversed on every other turn. Step i
     of every layout therefore runs within the same short window, so a change in the load of a shared machine hits all
-    layouts alike. Only one worker computes at any time; the others block on a pipe.
+    layouts alike. Only one worker computes at any time; the others block on a pipe. A worker that fails leaves the
+    rotation and the others go on. Returns the results and the failures (layout -> one-line error).
     """
     workers = []
     try:
@@ -1200,18 +1254,25 @@ def _interleaved(
             os.close(go_r)
             os.close(done_w)
             workers.append({"layout": layout, "process": process, "go": go_w, "done": done_r, "result": result_path})
+        alive = list(workers)
         for turn in range(total_turns):
-            for worker in workers if turn % 2 == 0 else reversed(workers):
-                os.write(worker["go"], b"1")
-                if os.read(worker["done"], 1) != b"1":
-                    raise RuntimeError(f"The {worker['layout']} worker exited during turn {turn}.")
-        results = {}
+            for worker in list(alive if turn % 2 == 0 else reversed(alive)):
+                try:
+                    os.write(worker["go"], b"1")
+                    handed_back = os.read(worker["done"], 1) == b"1"
+                except OSError:  # the worker is gone (its pipe is closed)
+                    handed_back = False
+                if not handed_back:
+                    alive.remove(worker)
+        results, failures = {}, {}
         for worker in workers:
-            if worker["process"].wait() != 0:
-                raise RuntimeError(f"The {worker['layout']} worker failed (exit code {worker['process'].returncode}).")
-            with open(worker["result"]) as f:
-                results[worker["layout"]] = json.load(f)
-        return results
+            returncode = worker["process"].wait()
+            if returncode == 0:
+                with open(worker["result"]) as f:
+                    results[worker["layout"]] = json.load(f)
+            else:
+                failures[worker["layout"]] = _worker_failure(worker["result"], returncode)
+        return results, failures
     finally:
         for worker in workers:
             os.close(worker["go"])
@@ -1240,27 +1301,40 @@ def run_mix(
     positions["formula"] = "padded_padding_free: K*P + sum(R); shared_prompt: P - 1 + sum(R + 1); per prompt"
     groups = [list(layouts[i : i + args.group_size]) for i in range(0, len(layouts), args.group_size)]
     raw: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="trl-nca-bench-") as tmp:
         rows_path = os.path.join(tmp, "rows.json")
         with open(rows_path, "w") as f:
             json.dump(rows, f)
         for layout in layouts if args.in_process else []:
             print(f"[benchmark] {mix}: {layout}: {args.warmup} warm-up + {args.steps} timed steps ...", flush=True)
-            raw[layout] = run_layout(layout, rows, {**settings, "output_dir": os.path.join(tmp, layout)})
+            try:
+                raw[layout] = run_layout(layout, rows, {**settings, "output_dir": os.path.join(tmp, layout)})
+            except Exception as error:  # recorded; the other layouts still run
+                traceback.print_exc()
+                failed[layout] = error_line(error)
+                _release_memory(settings["device"])
         for group in [] if args.in_process else groups:
             print(
                 f"[benchmark] {mix}: {', '.join(group)}: {args.warmup} warm-up + {args.steps} timed steps, interleaved"
             )
             group_settings = {**settings, "output_dir": os.path.join(tmp, "out")}
-            raw.update(_interleaved(group, rows_path, group_settings, tmp, 1 + args.warmup + args.steps))
+            results, failures = _interleaved(group, rows_path, group_settings, tmp, 1 + args.warmup + args.steps)
+            raw.update(results)
+            failed.update(failures)
+    for layout, error in failed.items():
+        print(f"[benchmark] {mix}: {layout} FAILED: {error}", flush=True)
     result: dict[str, Any] = {
         "data": {**data_settings, "distribution": "stratified log-normal lengths, clipped; random token ids"},
         "data_stats": length_stats(rows),
         "groups": None if args.in_process else groups,
         "positions": positions,
         "layouts": {},
+        "failed": {layout: failed[layout] for layout in layouts if layout in failed},
     }
     for layout in layouts:
+        if layout not in raw:
+            continue
         row = summarize(raw[layout])
         n_params = row["model_parameters"] - row["embedding_parameters"]
         flops = [
@@ -1274,7 +1348,7 @@ def run_mix(
         print(f"[benchmark] {mix}: {layout}: steps (s) {', '.join(f'{t:.2f}' for t in raw[layout]['step_s'])}")
     digests = {row["data_digest"] for row in result["layouts"].values()}
     uniques = {row["unique_tokens"] for row in result["layouts"].values()}
-    result["same_data"] = len(digests) == 1 and uniques == {positions["unique"]}
+    result["same_data"] = len(digests) <= 1 and uniques <= {positions["unique"]}
     if not result["same_data"]:
         raise RuntimeError(
             f"{mix}: the layouts did not see the same data: digests {digests}, unique tokens {uniques}."
@@ -1337,9 +1411,30 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     for mix in args.mix:
         result["mixes"][mix] = run_mix(mix, args, layouts, settings, peak)
-    first = next(iter(result["mixes"].values()))["layouts"]
-    result["config"]["model_parameters"] = next(iter(first.values()))["model_parameters"]
+    rows = [row for mix in result["mixes"].values() for row in mix["layouts"].values()]
+    result["config"]["model_parameters"] = rows[0]["model_parameters"] if rows else None
+    result["failed"] = {}
+    for mix_name, mix in result["mixes"].items():
+        for layout, error in mix["failed"].items():
+            result["failed"].setdefault(layout, {})[mix_name] = error
     return result
+
+
+def _release_memory(device: str) -> None:
+    """Free what a failed in-process layout left behind before the next one runs."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def failure_summary(result: dict[str, Any]) -> str | None:
+    """One line naming the failed layout runs (None when none failed)."""
+    runs = [(layout, mix) for mix, part in result["mixes"].items() for layout in part["failed"]]
+    if not runs:
+        return None
+    total = len(runs) + sum(len(part["layouts"]) for part in result["mixes"].values())
+    names = ", ".join(f"{layout} ({mix})" for layout, mix in runs)
+    return f"{len(runs)} of {total} layout runs failed: {names} (errors under `failed` in the JSON)"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1400,6 +1495,9 @@ def print_report(result: dict[str, Any]) -> None:
     """The tables, ratios and targets of every mix, and how MFU was computed."""
     for name, why in result["skipped"].items():
         print(f"skipped {name}: {why}")
+    for name, errors in result.get("failed", {}).items():
+        for mix, error in errors.items():
+            print(f"FAILED {name} ({mix}): {error}")
     mfu = result["mfu"]
     print(f"MFU: {mfu['formula']}; peak: {mfu['peak_source']}")
     for mix, mix_result in result["mixes"].items():
@@ -1439,6 +1537,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json}")
+    summary = failure_summary(result)
+    if summary:
+        print(summary)
+    if not any(part["layouts"] for part in result["mixes"].values()):
+        names = ", ".join(result["failed"])
+        raise SystemExit(f"benchmark.py: error: every layout failed ({names}); the errors are in the table above.")
     return result
 
 

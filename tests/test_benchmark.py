@@ -118,7 +118,7 @@ def test_layouts_saw_identical_data(micro_result):
 
 def test_packed_layouts_compute_exactly_their_positions(benchmark, micro_result):
     """padded_padding_free: K*P + sum(R), no padding; shared prompt: P - 1 + sum(R + 1) (the last prompt token heads
-    each branch), packed with no padding under sdpa (no multiple to pad to)."""
+    each branch), packed into one row padded only up to sdpa's mask alignment (a multiple of 8)."""
     for mix_name, mix in micro_result["mixes"].items():
         steps = timed_rows(benchmark, micro_result, mix_name)
         padded_free = [sum(4 * len(r["prompt_ids"]) + sum(map(len, r["completion_ids"])) for r in s) for s in steps]
@@ -128,7 +128,8 @@ def test_packed_layouts_compute_exactly_their_positions(benchmark, micro_result)
         layouts = mix["layouts"]
         ppf, packed = layouts["padded_padding_free"], layouts["shared_prompt_packed"]
         assert ppf["computed_tokens_per_step"] == ppf["nonpad_tokens_per_step"] == padded_free, mix_name
-        assert packed["computed_tokens_per_step"] == packed["nonpad_tokens_per_step"] == shared, mix_name
+        assert packed["nonpad_tokens_per_step"] == shared, mix_name
+        assert packed["computed_tokens_per_step"] == [-(-n // 8) * 8 for n in shared], mix_name
         assert layouts["shared_prompt"]["nonpad_tokens_per_step"] == shared
         assert layouts["padded"]["nonpad_tokens_per_step"] == padded_free
         assert mix["positions"]["padded_padding_free"] == sum(padded_free)
@@ -179,6 +180,76 @@ def test_explicitly_requested_unavailable_layout_is_a_one_line_error(benchmark):
     assert "shared_prompt_flex" in message and "flex_attention" in message and "\n" not in message
     with pytest.raises(SystemExit, match="padded_padding_free_flash"):
         benchmark.main([*MICRO, "--device", "cpu", "--in-process", "--layouts", "padded_padding_free_flash"])
+
+
+def test_flash_attention_availability_is_transformers_own_check(benchmark, tmp_path, monkeypatch):
+    """An importable `flash_attn` that transformers would not use (here a bare package without the flash-attn
+    distribution, as a stray or wrongly named install looks) is not available: the layout is skipped, as transformers'
+    `is_flash_attn_2_available()` says, instead of being let through by `importlib.util.find_spec`."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reason = benchmark.unavailable_reason("padded_padding_free_flash", "cuda", "bf16")
+    assert reason is not None and "is_flash_attn_2_available" in reason and "\n" not in reason
+    assert benchmark.unavailable_reason("padded_padding_free", "cuda", "bf16") is None
+
+
+def run_with_flash_let_through(benchmark, monkeypatch, tmp_path, layouts, in_process=True):
+    """Run `layouts` on the ultrafeedback micro mix with the availability check passing every layout: on a CPU the
+    FlashAttention-2 layouts then fail when their model is built (ImportError), as a flash_attn wheel built for another
+    torch fails after passing the check on a GPU."""
+    monkeypatch.setattr(benchmark, "unavailable_reason", lambda *args: None)
+    path = tmp_path / "result.json"
+    argv = [*MICRO, "--mix", "ultrafeedback", "--layouts", *layouts, "--json", str(path)]
+    argv += ["--in-process"] if in_process else ["--group-size", str(len(layouts))]
+    return argv, path
+
+
+def test_a_failing_layout_is_recorded_and_the_others_kept(benchmark, tmp_path, monkeypatch, capsys):
+    argv, path = run_with_flash_let_through(benchmark, monkeypatch, tmp_path, ["padded_flash", "shared_prompt_packed"])
+    result = benchmark.main(argv)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    mix = result["mixes"]["ultrafeedback"]
+    assert list(mix["layouts"]) == ["shared_prompt_packed"]  # the other layout's results are kept
+    row = mix["layouts"]["shared_prompt_packed"]
+    assert row["timed_steps"] == 2 and row["step_s_median"] > 0 and mix["same_data"] is True
+    error = mix["failed"]["padded_flash"]
+    assert error.startswith("ImportError: ") and "FlashAttention2" in error and "\n" not in error
+    assert result["failed"] == {"padded_flash": {"ultrafeedback": error}}
+    assert result["config"]["model_parameters"] == row["model_parameters"]
+    assert mix["ratios"]["padded_over_best_shared_step"] is None  # padded_flash is not padded: nothing to compare
+    out = capsys.readouterr().out
+    table_row = next(line for line in out.splitlines() if line.startswith("| padded_flash |"))
+    assert "FAILED: ImportError: " in table_row
+    assert "1 of 2 layout runs failed: padded_flash (ultrafeedback)" in out
+
+
+def test_every_layout_failing_exits_nonzero_after_writing_the_json(benchmark, tmp_path, monkeypatch):
+    argv, path = run_with_flash_let_through(benchmark, monkeypatch, tmp_path, ["padded_flash", "shared_prompt_flex"])
+    with pytest.raises(SystemExit) as raised:
+        benchmark.main(argv)
+    assert raised.value.code not in (0, None)
+    message = str(raised.value.code)
+    assert "every layout failed" in message and "padded_flash" in message and "\n" not in message
+    result = json.loads(path.read_text())
+    assert result["mixes"]["ultrafeedback"]["layouts"] == {}
+    assert set(result["failed"]) == {"padded_flash", "shared_prompt_flex"}
+    # shared_prompt_flex builds (flex_attention exists on CPU); the trainer refuses to train it on a CPU
+    flex_error = result["failed"]["shared_prompt_flex"]["ultrafeedback"]
+    assert flex_error.startswith("ValueError: ") and "flex_attention" in flex_error
+
+
+@pytest.mark.slow
+def test_a_failing_worker_process_is_recorded_and_the_others_kept(benchmark, tmp_path, monkeypatch):
+    """The subprocess path: the failing worker writes its error and exits; the interleaved group goes on without it."""
+    layouts = ["padded_padding_free_flash", "padded_padding_free"]
+    argv, path = run_with_flash_let_through(benchmark, monkeypatch, tmp_path, layouts, in_process=False)
+    result = benchmark.main(argv)
+    mix = result["mixes"]["ultrafeedback"]
+    assert list(mix["layouts"]) == ["padded_padding_free"]
+    assert mix["layouts"]["padded_padding_free"]["timed_steps"] == 2
+    assert mix["failed"]["padded_padding_free_flash"].startswith("ImportError: ")
+    assert json.loads(path.read_text())["failed"] == result["failed"]
 
 
 def test_presets(benchmark):
