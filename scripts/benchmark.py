@@ -161,6 +161,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
+from accelerate.utils.memory import clear_device_cache  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from transformers.models.mistral import modeling_mistral  # noqa: E402
@@ -1313,7 +1314,7 @@ def run_mix(
             except Exception as error:  # recorded; the other layouts still run
                 traceback.print_exc()
                 failed[layout] = error_line(error)
-                _release_memory(settings["device"])
+                clear_device_cache(garbage_collection=True)
         for group in [] if args.in_process else groups:
             print(
                 f"[benchmark] {mix}: {', '.join(group)}: {args.warmup} warm-up + {args.steps} timed steps, interleaved"
@@ -1418,13 +1419,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for layout, error in mix["failed"].items():
             result["failed"].setdefault(layout, {})[mix_name] = error
     return result
-
-
-def _release_memory(device: str) -> None:
-    """Free what a failed in-process layout left behind before the next one runs."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def failure_summary(result: dict[str, Any]) -> str | None:

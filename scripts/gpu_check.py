@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -77,6 +76,7 @@ def _load_benchmark():
 benchmark = _load_benchmark()
 
 import torch  # noqa: E402
+from accelerate.utils.memory import clear_device_cache  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 
@@ -184,12 +184,6 @@ def all_finite(values: Sequence[float | None]) -> bool:
     return bool(values) and all(v is not None and math.isfinite(v) for v in values)
 
 
-def release_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
 def dynamo_graphs() -> int:
     """Graphs dynamo has compiled in this process so far."""
     from torch._dynamo.utils import counters
@@ -274,7 +268,7 @@ def check_flex(settings: Settings, numbers: dict[str, Any]) -> None:
             }
         runs[name]["dynamo_graphs"] = dynamo_graphs() - graphs
         runs[name]["seconds"] = time.perf_counter() - start
-        release_memory(settings.device)
+        clear_device_cache(garbage_collection=True)
     baseline = runs["padded_sdpa"]
     if "error" in baseline:
         raise CheckFailed(f"the padded sdpa baseline failed: {baseline['error']}")
@@ -494,7 +488,7 @@ def check_moe_aux(settings: Settings, numbers: dict[str, Any]) -> None:
             "router_tensors": len(grads[name]),
             "layout": [trainer.data_collator.layout, trainer.data_collator.padding_free],
         }
-        release_memory(settings.device)
+        clear_device_cache(garbage_collection=True)
     problems = []
     if not grads["no_checkpointing"]:
         raise CheckFailed("no router (gate) parameter received a gradient without checkpointing")
@@ -547,7 +541,7 @@ def check_vllm(settings: Settings, numbers: dict[str, Any]) -> None:
         status = generate.main(argv)
     finally:
         reward_data.load_sampler = original
-    release_memory(settings.device)
+    clear_device_cache(garbage_collection=True)
     free_now("end")
     numbers.update(exit_status=status, free_gib=free_gib, backend=settings.vllm_backend)
     stats_path = root / "out" / "stats.json"
@@ -597,7 +591,7 @@ def run_check(name: str, settings: Settings) -> dict[str, Any]:
     except Exception as error:
         traceback.print_exc()
         status = f"failed: {benchmark.error_line(error)}"
-    release_memory(settings.device)
+    clear_device_cache(garbage_collection=True)
     return {"status": status, "numbers": numbers, "seconds": time.perf_counter() - start}
 
 

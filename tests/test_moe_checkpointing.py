@@ -17,13 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_args
-from datasets import Dataset
 from peft import LoraConfig
 from test_distributed import deepspeed_ops  # noqa: F401  (fixture)
-from test_shared_prompt import MOE_COEF, checked, kway_rows
+from test_shared_prompt import MOE_COEF, checked, make_trainer
 
-from trl_nca import NCAConfig, NCATrainer
 from trl_nca.moe import record_router_logits
 
 LAYOUTS = {"padded": ("padded", False), "padded-packed": ("padded", True), "shared": ("shared_prompt", False)}
@@ -42,29 +39,23 @@ def gradients(tmp_path, tokenizer, make_model, layout, checkpointing, coef, peft
     """Every trainable parameter's gradient of one `compute_loss` on the whole dataset (`loss.backward()`, the only
     way reentrant checkpointing can be differentiated), in training mode."""
     kway_layout, padding_free = LAYOUTS[layout]
-    model = make_model("mixtral", seed=0, initializer_range=0.1)
-    ref = None if peft else make_model("mixtral", seed=1)
-    args = cpu_args(
-        NCAConfig,
-        tmp_path / f"{layout}-{checkpointing}-{coef}-{peft}",
-        kway_layout=kway_layout,
-        padding_free=padding_free,
-        beta=0.5,
+    trainer = make_trainer(
+        tmp_path / f"{checkpointing}-{coef}",
+        tokenizer,
+        make_model,
+        "mixtral-aux",
+        "sdpa",
+        kway_layout,
+        padding_free,
+        "lora" if peft else "plain",
+        peft_config=router_lora(),
         router_aux_loss_coef=coef,
         gradient_checkpointing=CHECKPOINTING[checkpointing] is not None,
         gradient_checkpointing_kwargs={"use_reentrant": CHECKPOINTING[checkpointing]},
     )
-    trainer = NCATrainer(
-        model,
-        ref_model=ref,
-        args=args,
-        train_dataset=Dataset.from_list(kway_rows()),
-        processing_class=tokenizer,
-        peft_config=router_lora() if peft else None,
-    )
     policy = trainer.model
     if CHECKPOINTING[checkpointing] is not None:  # as `Trainer.train` does before the first step
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
         policy.enable_input_require_grads()
     assert trainer.aux_loss_enabled == (coef != 0)
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]

@@ -63,15 +63,17 @@ def make_trainer(
     layout="shared_prompt",
     padding_free=False,
     variant="plain",
+    peft_config=None,
     **overrides,
 ):
-    """An NCATrainer on `kway_rows()`: policy seed 0, reference seed 1 (LoRA: the adapter-disabled policy)."""
+    """An NCATrainer on `kway_rows()`: policy seed 0, reference seed 1 (LoRA: the adapter-disabled policy; variant
+    "lora" uses `peft_config`, by default `lora_config()`)."""
     architecture, config = MODELS[model_name]
     if architecture == "mixtral":
         overrides.setdefault("router_aux_loss_coef", MOE_COEF)
     if variant == "truncated":
         overrides["max_length"] = TRUNCATE
-    peft_config = lora_config() if variant == "lora" else None
+    peft_config = (peft_config or lora_config()) if variant == "lora" else None
     model = make_model(architecture, seed=0, attn_implementation=attn, initializer_range=0.1, **config)
     ref = None if peft_config else make_model(architecture, seed=1, attn_implementation=attn, **config)
     args = cpu_args(

@@ -32,7 +32,7 @@ Router = tuple[torch.nn.Module, "int | None"]  # a module whose forward output h
 def record_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect the router logits of every MoE layer run inside the block, in call order (one tensor per layer), with
     their gradient in every gradient-checkpointing mode."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     routers = _routers(base)
     logits: list[torch.Tensor] = []
     inside_checkpoint = [0]  # > 0 while a checkpointed layer records its own routers (see `_through_checkpoint`)
@@ -47,7 +47,7 @@ def record_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]
     handles = [module.register_forward_hook(record(logits, index, True)) for module, index in routers]
     patched = []
     for layer in base.modules():
-        if not isinstance(layer, GradientCheckpointingLayer) or "_gradient_checkpointing_func" not in vars(layer):
+        if not (isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing):
             continue
         inside = {id(module) for module in layer.modules()}
         layer_routers = [(module, index) for module, index in routers if id(module) in inside]
@@ -69,12 +69,19 @@ def record_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]
 def declares_router_logits(model: torch.nn.Module) -> bool:
     """Whether transformers records `model`'s router logits (`_can_record_outputs["router_logits"]`), which
     `record_router_logits` needs."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (getattr(base, "_can_record_outputs", None) or {}).get("router_logits") is not None
+    return _router_spec(_base(model)) is not None
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _router_spec(base: torch.nn.Module):
+    return (getattr(base, "_can_record_outputs", None) or {}).get("router_logits")
 
 
 def _routers(base: torch.nn.Module) -> list[Router]:
-    spec = (getattr(base, "_can_record_outputs", None) or {}).get("router_logits")
+    spec = _router_spec(base)
     if spec is None:
         raise ValueError(
             f"{type(base).__name__} declares no router logits (`_can_record_outputs['router_logits']`), so its MoE "
