@@ -1,4 +1,5 @@
-"""NCA and InfoNCA losses (Chen et al., "Noise Contrastive Alignment of Language Models with Explicit Rewards").
+"""K-way losses: NCA and InfoNCA (Chen et al., "Noise Contrastive Alignment of Language Models with Explicit Rewards")
+and the listwise family (Plackett-Luce DPO, LiPO-λ, all-pairs DPO).
 
 Pure tensor functions, no trainer state. Shapes: `(B, K)` = B prompts, K responses each. For prompt b and response i:
 
@@ -7,6 +8,13 @@ Pure tensor functions, no trainer state. Shapes: `(B, K)` = B prompts, K respons
   shared equally among ties — the `alpha -> 0` limit, used for preference data);
 - InfoNCA: `L = - sum_i w_i * log softmax(rho)_i`;
 - NCA:     `L = - sum_i w_i * log sigmoid(rho_i) - (1/K) * sum_i log sigmoid(-rho_i)`.
+
+Listwise losses rank the responses by their rewards instead of weighting them (see each function):
+
+- Plackett-Luce: `L = - sum_i [rho_i - logsumexp_{j: r_j <= r_i} rho_j]` (one stage per response, tied responses share
+  a stage), optionally over the top-m stages only;
+- LiPO-λ:  `L = - sum_{r_i > r_j} Delta_ij log sigmoid(rho_i - rho_j)` with LambdaRank weights `Delta_ij`;
+- all-pairs DPO: DPO's `-log sigmoid(rho_i - rho_j)` over every pair with `r_i > r_j`, averaged or summed.
 
 Ragged K: `mask[b, i]` is False for padding slots. They get no weight, take no part in the softmax, and K in the
 `1/K` term is the prompt's own number of responses. Everything is computed in at least float32 (float64 stays
@@ -20,10 +28,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "AUTHORS_FIRST_RESPONSE_BONUS",
+    "all_pairs_dpo_loss",
     "favour_first_response",
     "infonca_loss",
+    "lipo_lambda_loss",
     "model_rewards",
     "nca_loss",
+    "plackett_luce_loss",
     "target_weights",
     "weight_entropy",
 ]
@@ -161,3 +172,140 @@ def nca_loss(
     attract = torch.where(mask, weights * F.logsigmoid(rho), zeros).sum(dim=-1)
     repel = torch.where(mask, F.logsigmoid(-rho), zeros).sum(dim=-1) / mask.sum(dim=-1).to(rho.dtype)
     return -attract - repel
+
+
+# ------------------------------------------------------------------------------------------------------------ listwise
+def _ordered_pairs(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(B, K, K)` bool: `[b, i, j]` is True when response i is rewarded strictly above response j (both real)."""
+    real = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    return (rewards.unsqueeze(-1) > rewards.unsqueeze(-2)) & real
+
+
+def _pair_margins(rho: torch.Tensor) -> torch.Tensor:
+    """`(B, K, K)`: `[b, i, j] = rho_i - rho_j`."""
+    return rho.unsqueeze(-1) - rho.unsqueeze(-2)
+
+
+def plackett_luce_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    beta: float,
+    mask: torch.Tensor | None = None,
+    top_m: int | None = None,
+) -> torch.Tensor:
+    """Plackett-Luce DPO per-prompt loss (DPO paper, arXiv 2305.18290, appendix A.3), shape `(B,)`.
+
+    The rewards rank the responses, best first; the loss is the negative log-likelihood of that ranking under the
+    Plackett-Luce model on the model rewards ρ: `−Σ_k log [exp(ρ_τ(k)) / Σ_{j ≥ k} exp(ρ_τ(j))]`. Tied rewards share a
+    stage (Breslow's rule for ties): each tied response is scored against the same set, itself, its tied peers and
+    every worse response, so `L = −Σ_i [ρ_i − logsumexp_{j: r_j ≤ r_i} ρ_j]`. A lone last response contributes 0.
+
+    Args:
+        top_m: keep only the stages of responses with fewer than `top_m` responses rewarded strictly higher (the
+            truncated top-m form; all tied best responses count for `top_m=1`). `None` keeps every stage.
+
+    With K = 2 and distinct rewards this is exactly DPO's `−log σ(ρ_w − ρ_l)`.
+    """
+    if top_m is not None and (isinstance(top_m, bool) or not isinstance(top_m, int) or top_m < 1):
+        raise ValueError(f"top_m must be a positive integer or None, got {top_m!r}.")
+    mask = _check_shapes(policy_logps, ref_logps, rewards, mask)
+    rho = model_rewards(policy_logps, ref_logps, beta)
+    rewards = rewards.to(rho.dtype)
+    # risk[b, i, j]: response j is in response i's stage (r_j <= r_i, both real).
+    risk = (rewards.unsqueeze(-2) <= rewards.unsqueeze(-1)) & mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    risk |= torch.eye(rho.size(-1), dtype=torch.bool, device=rho.device)  # padding slots too: no all -inf logsumexp
+    log_denominator = torch.logsumexp(rho.unsqueeze(-2).expand_as(risk).masked_fill(~risk, float("-inf")), dim=-1)
+    counted = mask
+    if top_m is not None:
+        n_better = _ordered_pairs(rewards, mask).sum(dim=-2)  # [b, i]: real responses rewarded above i
+        counted = mask & (n_better < top_m)
+    stage = torch.where(counted, rho - log_denominator.masked_fill(~mask, 0.0), torch.zeros_like(rho))
+    return -stage.sum(dim=-1)
+
+
+def lipo_lambda_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    beta: float,
+    mask: torch.Tensor | None = None,
+    label_normalization: str = "none",
+) -> torch.Tensor:
+    """LiPO-λ per-prompt loss (Liu et al., arXiv 2402.01878), shape `(B,)`.
+
+    `−Σ_{ψ_i > ψ_j} Δ_ij log σ(ρ_i − ρ_j)` over every ordered pair of real responses, with the LambdaRank weight
+    `Δ_ij = |G_i − G_j| · |1/D(τ_i) − 1/D(τ_j)|`, gain `G = 2^ψ − 1`, discount `D(τ) = ln(1 + τ)`, and `τ_i` the
+    1-based rank of response i under the current model rewards ρ (descending; ties in ρ go to the response listed
+    first). Δ is a weight, not differentiated (LambdaLoss). Tied labels form no pair.
+
+    Args:
+        label_normalization: `"none"`: ψ = the rewards as given (the paper's labels lie in [0, 1]; with rewards on a
+            wider scale, e.g. 1-10 ratings, `G = 2^ψ − 1` grows to ~1000); `"minmax"`: ψ = the rewards rescaled to
+            [0, 1] per prompt (best 1, worst 0).
+
+    With K = 2 and labels (1, 0) this is `(1/ln 2 − 1/ln 3) · DPO` whatever the ranks.
+    """
+    if label_normalization not in ("none", "minmax"):
+        raise ValueError(f"label_normalization must be 'none' or 'minmax', got {label_normalization!r}.")
+    mask = _check_shapes(policy_logps, ref_logps, rewards, mask)
+    rho = model_rewards(policy_logps, ref_logps, beta)
+    labels = rewards.to(rho.dtype)
+    if label_normalization == "minmax":
+        low = labels.masked_fill(~mask, float("inf")).min(dim=-1, keepdim=True).values
+        high = labels.masked_fill(~mask, float("-inf")).max(dim=-1, keepdim=True).values
+        spread = high - low
+        labels = torch.where(spread > 0, (labels - low) / torch.where(spread > 0, spread, 1.0), 0.0)
+    labels = labels.masked_fill(~mask, 0.0)
+    with torch.no_grad():
+        # tau: 1 + the number of real responses ranked above by rho (ties to the lower index), as a stable sort gives.
+        index = torch.arange(rho.size(-1), device=rho.device)
+        above = (rho.unsqueeze(-2) > rho.unsqueeze(-1)) | (
+            (rho.unsqueeze(-2) == rho.unsqueeze(-1)) & (index.unsqueeze(0) < index.unsqueeze(1))
+        )  # above[b, i, j]: j is ranked before i
+        tau = 1 + (above & mask.unsqueeze(-2)).sum(dim=-1).to(rho.dtype)
+        inverse_discount = 1.0 / torch.log1p(tau)
+        gain = torch.exp2(labels) - 1
+        delta = (gain.unsqueeze(-1) - gain.unsqueeze(-2)).abs() * (
+            inverse_discount.unsqueeze(-1) - inverse_discount.unsqueeze(-2)
+        ).abs()
+    pairs = _ordered_pairs(labels, mask)
+    terms = torch.where(pairs, delta * F.logsigmoid(_pair_margins(rho)), torch.zeros_like(delta))
+    return -terms.sum(dim=(-2, -1))
+
+
+def all_pairs_dpo_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    beta: float,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    gap_weighted: bool = False,
+) -> torch.Tensor:
+    """All-pairs DPO per-prompt loss, shape `(B,)`: DPO's `−log σ(ρ_i − ρ_j)` over every pair with `r_i > r_j`.
+
+    Args:
+        reduction: `"mean"`: divided by the prompt's number of such pairs; `"sum"`: summed. A prompt without any
+            (all rewards tied, or one response) has loss 0 and no gradient.
+        gap_weighted: multiply each pair's term by its reward gap `r_i − r_j`.
+
+    With K = 2 and distinct rewards (unweighted) this is exactly DPO's sigmoid loss: TRL's DPOTrainer on the
+    prompt's best-vs-each pairs, batched by prompt.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+    mask = _check_shapes(policy_logps, ref_logps, rewards, mask)
+    rho = model_rewards(policy_logps, ref_logps, beta)
+    rewards = rewards.to(rho.dtype)
+    pairs = _ordered_pairs(rewards, mask)
+    terms = -F.logsigmoid(_pair_margins(rho))
+    if gap_weighted:
+        terms = terms * (rewards.unsqueeze(-1) - rewards.unsqueeze(-2)).masked_fill(~pairs, 0.0)
+    total = torch.where(pairs, terms, torch.zeros_like(terms)).sum(dim=(-2, -1))
+    if reduction == "sum":
+        return total
+    return total / pairs.sum(dim=(-2, -1)).clamp_min(1).to(total.dtype)
