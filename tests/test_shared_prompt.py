@@ -19,7 +19,7 @@ from datasets import Dataset
 from test_trainer import reward_rows
 
 import trl_nca.trainer as trainer_module
-from trl_nca import DataCollatorForKWayReward, NCAConfig, NCATrainer
+from trl_nca import DataCollatorForKWayReward, NCATrainer
 from trl_nca.attention import attention_windows, block_mask, dense_mask
 
 RTOL = 1e-4  # the issue's bound, fp32
@@ -64,10 +64,11 @@ def make_trainer(
     padding_free=False,
     variant="plain",
     peft_config=None,
+    trainer_cls=NCATrainer,
     **overrides,
 ):
-    """An NCATrainer on `kway_rows()`: policy seed 0, reference seed 1 (LoRA: the adapter-disabled policy; variant
-    "lora" uses `peft_config`, by default `lora_config()`)."""
+    """A `trainer_cls` (default NCATrainer) on `kway_rows()`: policy seed 0, reference seed 1 (LoRA: the
+    adapter-disabled policy; variant "lora" uses `peft_config`, by default `lora_config()`)."""
     architecture, config = MODELS[model_name]
     if architecture == "mixtral":
         overrides.setdefault("router_aux_loss_coef", MOE_COEF)
@@ -77,14 +78,14 @@ def make_trainer(
     model = make_model(architecture, seed=0, attn_implementation=attn, initializer_range=0.1, **config)
     ref = None if peft_config else make_model(architecture, seed=1, attn_implementation=attn, **config)
     args = cpu_args(
-        NCAConfig,
+        trainer_cls._config_class,
         tmp_path / f"{layout}-{padding_free}-{attn}",
         kway_layout=layout,
         padding_free=padding_free,
         beta=0.5,
         **overrides,
     )
-    trainer = NCATrainer(
+    trainer = trainer_cls(
         model,
         ref_model=ref,
         args=args,

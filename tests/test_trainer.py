@@ -10,7 +10,7 @@ from conftest import cpu_args
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_nca import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
+from trl_nca import InfoNCAConfig, InfoNCATrainer, ListwiseConfig, ListwiseTrainer, NCAConfig, NCATrainer
 
 WORDS = ["one", "two", "three", "blue", "green", "dog", "cat", "sky", "sea", "big"]
 
@@ -52,7 +52,10 @@ FORMATS = {
 
 @pytest.mark.parametrize("architecture", ["mistral", "mixtral"])
 @pytest.mark.parametrize("data", sorted(FORMATS))
-@pytest.mark.parametrize("trainer_cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
+@pytest.mark.parametrize(
+    "trainer_cls,config_cls",
+    [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig), (ListwiseTrainer, ListwiseConfig)],
+)
 def test_trains_and_evaluates(tmp_path, tokenizer, make_model, architecture, data, trainer_cls, config_cls):
     dataset = Dataset.from_list(FORMATS[data]())
     model = make_model(architecture)
@@ -71,7 +74,9 @@ def test_trains_and_evaluates(tmp_path, tokenizer, make_model, architecture, dat
     assert len(train_logs) == 2 and all(math.isfinite(log["loss"]) for log in train_logs)
     k_max = max(len(row["completion_ids"]) for row in trainer.train_dataset)
     expected = {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"}
-    expected |= {"target_weights/entropy", "entropy", "num_tokens", "rewards/rank_0", "logps/rank_1"}
+    expected |= {"entropy", "num_tokens", "rewards/rank_0", "logps/rank_1"}
+    if trainer_cls is not ListwiseTrainer:  # the listwise losses have no target weights
+        expected.add("target_weights/entropy")
     assert expected <= set(train_logs[0])
     # The eval set holds every row, so every rank up to K_max is logged (for ragged K too). As in DPOTrainer, the
     # trainer's own metrics carry the plain `eval_` prefix, also for a dict of eval sets.

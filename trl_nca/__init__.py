@@ -1,4 +1,4 @@
-"""trl-nca: NCA and InfoNCA (Chen et al., NeurIPS 2024) as drop-in TRL trainers.
+"""trl-nca: NCA and InfoNCA (Chen et al., NeurIPS 2024), and the listwise objectives, as drop-in TRL trainers.
 
 The public classes are imported lazily, so `trl-nca --help` and the light modules do not pay for torch/TRL imports.
 """
@@ -15,6 +15,8 @@ _LAZY = {
     "InfoNCAConfig": ".config",
     "NCAConfig": ".config",
     "InfoNCATrainer": ".trainer",
+    "ListwiseConfig": ".config",
+    "ListwiseTrainer": ".trainer",
     "NCATrainer": ".trainer",
     "RewardDataConfig": ".config",
     "build_reward_dataset": ".reward_data",
@@ -24,6 +26,8 @@ __all__ = [
     "DataCollatorForKWayReward",
     "InfoNCAConfig",
     "InfoNCATrainer",
+    "ListwiseConfig",
+    "ListwiseTrainer",
     "NCAConfig",
     "NCATrainer",
     "RewardDataConfig",
@@ -33,9 +37,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .collator import DataCollatorForKWayReward
-    from .config import InfoNCAConfig, NCAConfig, RewardDataConfig
+    from .config import InfoNCAConfig, ListwiseConfig, NCAConfig, RewardDataConfig
     from .reward_data import build_reward_dataset
-    from .trainer import InfoNCATrainer, NCATrainer
+    from .trainer import InfoNCATrainer, ListwiseTrainer, NCATrainer
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,7 @@ from pathlib import Path
 USAGE = """usage: trl-nca <command> [<args>]
 
 commands:
-  train CONFIG.yaml [--key value ...]   train with NCA/InfoNCA through `accelerate launch`
+  train CONFIG.yaml [--key value ...]   train with NCA/InfoNCA/listwise through `accelerate launch`
                                         (--accelerate_config NAME|PATH, --num_processes N)
   generate CONFIG.yaml [--key value ...]
                                         sample and score K completions per prompt: a reward dataset

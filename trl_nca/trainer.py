@@ -1,4 +1,5 @@
-"""NCATrainer and InfoNCATrainer: `trl.DPOTrainer` subclasses that train on K scored responses per prompt.
+"""NCATrainer, InfoNCATrainer and ListwiseTrainer: `trl.DPOTrainer` subclasses that train on K scored responses per
+prompt.
 
 They reuse everything DPOTrainer does (model/ref-model/PEFT/quantization setup, DeepSpeed and FSDP handling of the
 reference model, the fused LM head, metrics logging, evaluation, checkpoints and the model card) and override only the
@@ -33,7 +34,7 @@ from .attention import FLEX_BLOCK_SIZE, attention_windows, layout_attention_mask
 from .callbacks import label_progress_bars
 from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForKWayReward
-from .config import InfoNCAConfig, NCAConfig, _RewardAlignmentConfig
+from .config import InfoNCAConfig, ListwiseConfig, NCAConfig, _KWayConfig
 from .data import first_row, prepare_dataset
 from .layout import (
     batch_layout,
@@ -56,7 +57,7 @@ _MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 _LAYOUT_KEYS = (*_MODEL_INPUT_KEYS, "completion_mask", "sequence_ids", "branch_ids", "response_ids", "padding_mask")
 
 
-def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tuple[str, bool]:
+def resolve_layout(args: _KWayConfig, model, peft_config=None) -> tuple[str, bool]:
     """Pick the collator layout for `args.kway_layout` and the model; returns (layout, padding_free).
 
     `"auto"` falls back to `"padded"` (logging why) when the shared-prompt layout cannot be exact; a layout asked for
@@ -91,7 +92,7 @@ def resolve_layout(args: _RewardAlignmentConfig, model, peft_config=None) -> tup
     return "padded", packed
 
 
-def _sharing_obstacle(args: _RewardAlignmentConfig, config, attn: str, prompt_learning: bool) -> str | None:
+def _sharing_obstacle(args: _KWayConfig, config, attn: str, prompt_learning: bool) -> str | None:
     """Why the shared-prompt layout cannot be used beyond the architecture: attention kernel, PEFT, truncation."""
     if attn not in _MASKABLE_ATTENTION:
         return f"attn_implementation={attn!r} takes no custom attention mask (use sdpa, eager or flex_attention)"
@@ -111,7 +112,7 @@ def _log_fallback(layout: tuple[str, bool], reason: str, unpacked: bool = False)
     )
 
 
-def _attn_implementation(args: _RewardAlignmentConfig, model) -> str:
+def _attn_implementation(args: _KWayConfig, model) -> str:
     if isinstance(model, str):
         return (args.model_init_kwargs or {}).get("attn_implementation") or "sdpa"
     return getattr(model.config, "_attn_implementation", None) or "sdpa"
@@ -123,7 +124,7 @@ def _attn_implementation(args: _RewardAlignmentConfig, model) -> str:
 _SDPA_MASK_ALIGNMENT = 8
 
 
-def _pad_multiple(args: _RewardAlignmentConfig, model, layout: str) -> int | None:
+def _pad_multiple(args: _KWayConfig, model, layout: str) -> int | None:
     """`pad_to_multiple_of`, rounded up to what the attention kernel wants of the rows: FlexAttention's block size
     under flex_attention (see `attention`), sdpa's mask alignment for the shared-prompt layout's mask under sdpa."""
     attn = _attn_implementation(args, model)
@@ -147,9 +148,9 @@ _NCA_CITATION = textwrap.dedent(
 
 
 class _KWayRewardTrainer(DPOTrainer):
-    """Shared base of [`NCATrainer`] and [`InfoNCATrainer`]; they differ only in `_loss_fn` and card metadata."""
+    """Shared base of the K-way trainers; they differ only in their losses (`_per_prompt_loss`) and card metadata."""
 
-    _config_class: type[_RewardAlignmentConfig]
+    _config_class: type[_KWayConfig]
     _loss_fn: Callable[..., torch.Tensor]
     _paper = {
         "title": "Noise Contrastive Alignment of Language Models with Explicit Rewards",
@@ -161,7 +162,7 @@ class _KWayRewardTrainer(DPOTrainer):
         self,
         model,
         ref_model=None,
-        args: _RewardAlignmentConfig | None = None,
+        args: _KWayConfig | None = None,
         data_collator=None,
         train_dataset: Dataset | IterableDataset | None = None,
         eval_dataset=None,
@@ -177,8 +178,8 @@ class _KWayRewardTrainer(DPOTrainer):
             args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
         if not isinstance(args, self._config_class):
             raise TypeError(
-                f"{type(self).__name__} needs a {self._config_class.__name__} (a DPOConfig subclass with the reward "
-                f"temperature `alpha`), got {type(args).__name__}. Replace `DPOConfig(...)` with "
+                f"{type(self).__name__} needs a {self._config_class.__name__} (a DPOConfig subclass), got "
+                f"{type(args).__name__}. Replace `DPOConfig(...)` with "
                 f"`{self._config_class.__name__}(...)`; every DPOConfig field keeps its meaning."
             )
         if isinstance(train_dataset, (Dataset, IterableDataset)):
@@ -228,7 +229,7 @@ class _KWayRewardTrainer(DPOTrainer):
                 padding_free=packed,
                 max_prompt_length=args.max_prompt_length,
             )
-        self.alpha = args.alpha
+        self.alpha = getattr(args, "alpha", None)  # NCA/InfoNCA reward temperature; None for listwise losses
         self._mask_cache: tuple | None = None
         self._layout_checked: set[int] = set()  # ids of the models the layout was checked for (`_exact_layout`)
         # DPOTrainer 1.16 turns `padding_free` off with a warning ("temporarily unavailable"); the K-way collator
@@ -306,7 +307,7 @@ class _KWayRewardTrainer(DPOTrainer):
                 "### Training hyper-parameters",
                 "",
                 f"- loss: {' + '.join(f'{w:g} × {t}' for t, w in zip(self.loss_types, self.loss_weights))}",
-                f"- α (reward temperature, target weights softmax(r / α)): {self.alpha:g}",
+                *self._card_loss_lines(),
                 f"- β (KL strength of the model reward β·log π/μ): {self.beta:g}",
                 f"- responses per prompt K: {ks}",
                 f"- reference model: {reference}",
@@ -332,6 +333,10 @@ class _KWayRewardTrainer(DPOTrainer):
             card = handle.read()
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(card.replace("### Framework versions\n", section, 1))
+
+    def _card_loss_lines(self) -> list[str]:
+        """The model card's lines on the loss's own hyper-parameters."""
+        return [f"- α (reward temperature, target weights softmax(r / α)): {self.alpha:g}"]
 
     def _responses_per_prompt(self) -> str:
         """K over the training set, read from the Arrow column lengths (no Python copy of the token lists)."""
@@ -663,16 +668,14 @@ class _KWayRewardTrainer(DPOTrainer):
         rewards, mask = inputs["rewards"], inputs["response_mask"]
         if self.args.tie_break == "first":
             rewards = losses.favour_first_response(rewards)
-        alpha = torch.where(inputs["hard_labels"], 0.0, float(self.alpha)).to(rewards.device)
+        alpha = self._reward_temperature(inputs)
 
         loss = policy_logps.new_zeros((), dtype=torch.float32)
         for loss_type, weight in zip(self.loss_types, self.loss_weights):
             if loss_type == "sft":
                 loss = loss + weight * self._best_response_nll(outputs, inputs)
             else:
-                per_prompt = type(self)._loss_fn(
-                    policy_logps, ref_logps, rewards, beta=self.beta, alpha=alpha, mask=mask
-                )
+                per_prompt = self._per_prompt_loss(loss_type, policy_logps, ref_logps, rewards, mask, alpha)
                 loss = loss + weight * per_prompt.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -687,6 +690,16 @@ class _KWayRewardTrainer(DPOTrainer):
                 outputs = model(**self._model_inputs(model, inputs), use_cache=False)
             return loss, outputs
         return loss
+
+    def _reward_temperature(self, inputs) -> torch.Tensor | None:
+        """Per-prompt α: 0 (hard labels) for preference rows, the config's α for reward rows; None without α."""
+        if self.alpha is None:
+            return None
+        return torch.where(inputs["hard_labels"], 0.0, float(self.alpha)).to(inputs["rewards"].device)
+
+    def _per_prompt_loss(self, loss_type, policy_logps, ref_logps, rewards, mask, alpha) -> torch.Tensor:
+        """The `(B,)` loss `loss_type` (one of the config's own losses) of each prompt."""
+        return type(self)._loss_fn(policy_logps, ref_logps, rewards, beta=self.beta, alpha=alpha, mask=mask)
 
     def _best_response_nll(self, outputs, inputs) -> torch.Tensor:
         """Negative log-likelihood of each prompt's best-rewarded response, averaged over its tokens (TRL's `sft`)."""
@@ -715,8 +728,9 @@ class _KWayRewardTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
         model_reward = losses.model_rewards(policy_logps, ref_logps, self.beta)
-        weights = losses.target_weights(target_rewards, alpha, mask)
-        metrics["target_weights/entropy"].append(gather(losses.weight_entropy(weights, mask)).mean().item())
+        if alpha is not None:
+            weights = losses.target_weights(target_rewards, alpha, mask)
+            metrics["target_weights/entropy"].append(gather(losses.weight_entropy(weights, mask)).mean().item())
 
         # Responses ranked by their given reward (rank 0 = best); ties keep the dataset order.
         order = given.masked_fill(~mask, float("-inf")).argsort(dim=-1, descending=True, stable=True)
@@ -802,3 +816,137 @@ class InfoNCATrainer(_KWayRewardTrainer):
     _loss_fn = staticmethod(losses.infonca_loss)
     _tag_names = ["trl", "infonca"]
     _name = "InfoNCA"
+
+
+_DPO_CITATION = textwrap.dedent(
+    """\
+    @inproceedings{rafailov2023direct,
+        title        = {{Direct Preference Optimization: Your Language Model is Secretly a Reward Model}},
+        author       = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and
+                        Stefano Ermon and Chelsea Finn},
+        year         = 2023,
+        booktitle    = {Advances in Neural Information Processing Systems 36 (NeurIPS 2023)},
+        eprint       = {arXiv:2305.18290},
+    }"""
+)
+_LIPO_CITATION = textwrap.dedent(
+    """\
+    @article{liu2024lipo,
+        title        = {{LiPO: Listwise Preference Optimization through Learning-to-Rank}},
+        author       = {Tianqi Liu and Zhen Qin and Junru Wu and Jiaming Shen and Misha Khalman and
+                        Rishabh Joshi and Yao Zhao and Mohammad Saleh and Simon Baumgartner and Jialu Liu and
+                        Peter J. Liu and Xuanhui Wang},
+        year         = 2024,
+        journal      = {arXiv preprint},
+        eprint       = {arXiv:2402.01878},
+    }"""
+)
+_DPO_PAPER = {
+    "title": "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+    "id": "2305.18290",
+    "citation": _DPO_CITATION,
+}
+#: Listwise loss -> (its paper for the model card, its tag on the Hub).
+_LISTWISE_PAPERS = {
+    "plackett_luce": (_DPO_PAPER, "plackett-luce"),
+    "lipo_lambda": (
+        {"title": "LiPO: Listwise Preference Optimization through Learning-to-Rank", "id": "2402.01878"}
+        | {"citation": _LIPO_CITATION},
+        "lipo",
+    ),
+    "all_pairs": (_DPO_PAPER, "all-pairs-dpo"),
+}
+
+
+_LISTWISE_NAMES = {"plackett_luce": "Plackett-Luce DPO", "lipo_lambda": "LiPO-λ", "all_pairs": "All-pairs DPO"}
+
+
+class ListwiseTrainer(_KWayRewardTrainer):
+    """Trainer for the listwise objectives on K ranked or scored responses per prompt: Plackett-Luce DPO, LiPO-λ and
+    all-pairs DPO (see [`ListwiseConfig`]), on the same data, layouts and machinery as [`NCATrainer`].
+
+    A drop-in replacement for `trl.DPOTrainer` (same constructor) that takes a [`ListwiseConfig`]. With model rewards
+    `ρ_i = β (log π_θ(y_i|x) − log μ(y_i|x))`, per prompt:
+
+    - `"plackett_luce"`: `−Σ_k log [exp(ρ_τ(k)) / Σ_{j ≥ k} exp(ρ_τ(j))]`, τ the order of the rewards (ties share a
+      stage), optionally over the top-m stages;
+    - `"lipo_lambda"`: `−Σ_{r_i > r_j} Δ_ij log σ(ρ_i − ρ_j)` with LiPO-λ's LambdaRank weights Δ;
+    - `"all_pairs"`: DPO's `−log σ(ρ_i − ρ_j)` averaged (or summed, optionally gap-weighted) over the pairs
+      `r_i > r_j`.
+
+    On preference pairs `"plackett_luce"` and `"all_pairs"` equal DPO (`loss_type="sigmoid"`).
+
+    Example:
+    ```python
+    from datasets import Dataset
+    from trl_nca import ListwiseConfig, ListwiseTrainer
+
+    dataset = Dataset.from_list([
+        {"prompt": "2+2=", "completions": ["4", "5", "22"], "rewards": [1.0, 0.2, 0.0]},
+    ])
+    args = ListwiseConfig("out", loss_type=["plackett_luce"])
+    trainer = ListwiseTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset)
+    trainer.train()
+    ```
+    """
+
+    _config_class = ListwiseConfig
+
+    @property
+    def _listwise_losses(self) -> list[str]:
+        args = getattr(self, "args", None)  # None while the default config is built
+        return [name for name in (args.loss_type if args is not None else ()) if name in _LISTWISE_PAPERS]
+
+    @property
+    def _name(self) -> str:
+        """The objective's name (progress bars, model card): e.g. "Plackett-Luce DPO", or "Listwise" before `args`."""
+        return " + ".join(_LISTWISE_NAMES[name] for name in self._listwise_losses) or "Listwise"
+
+    @property
+    def _tag_names(self) -> list[str]:
+        return ["trl", "listwise", *(_LISTWISE_PAPERS[name][1] for name in self._listwise_losses)]
+
+    @property
+    def _paper(self) -> dict[str, str]:
+        """The first listwise loss's paper, citing the papers of every listwise loss used (TRL's card takes one)."""
+        papers = list({id(paper): paper for paper, _ in map(_LISTWISE_PAPERS.get, self._listwise_losses)}.values())
+        return dict(papers[0], citation="\n\n".join(paper["citation"] for paper in papers))
+
+    def _per_prompt_loss(self, loss_type, policy_logps, ref_logps, rewards, mask, alpha) -> torch.Tensor:
+        args = self.args
+        if loss_type == "plackett_luce":
+            return losses.plackett_luce_loss(
+                policy_logps, ref_logps, rewards, beta=self.beta, mask=mask, top_m=args.plackett_luce_top_m
+            )
+        if loss_type == "lipo_lambda":
+            return losses.lipo_lambda_loss(
+                policy_logps,
+                ref_logps,
+                rewards,
+                beta=self.beta,
+                mask=mask,
+                label_normalization=args.lipo_label_normalization,
+            )
+        return losses.all_pairs_dpo_loss(
+            policy_logps,
+            ref_logps,
+            rewards,
+            beta=self.beta,
+            mask=mask,
+            reduction=args.all_pairs_reduction,
+            gap_weighted=args.all_pairs_gap_weighted,
+        )
+
+    def _card_loss_lines(self) -> list[str]:
+        args = self.args
+        lines = []
+        if "plackett_luce" in args.loss_type:
+            stages = "every stage" if args.plackett_luce_top_m is None else f"top {args.plackett_luce_top_m} stages"
+            lines.append(f"- Plackett-Luce: {stages}, tied rewards share a stage")
+        if "lipo_lambda" in args.loss_type:
+            lines.append(f"- LiPO-λ labels: {args.lipo_label_normalization} normalisation")
+        if "all_pairs" in args.loss_type:
+            weighting = ", weighted by the reward gap" if args.all_pairs_gap_weighted else ""
+            reduction = args.all_pairs_reduction
+            lines.append(f"- all-pairs DPO: {reduction} over the pairs with different rewards{weighting}")
+        return lines

@@ -1,4 +1,4 @@
-"""``trl-nca iterate``: rounds of generate with the current policy -> score -> train (NCA/InfoNCA) -> next policy.
+"""``trl-nca iterate``: rounds of generate with the current policy -> score -> train (any trainer) -> next policy.
 
     trl-nca iterate CONFIG.yaml [--key value ...]
 

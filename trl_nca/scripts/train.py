@@ -1,4 +1,4 @@
-"""Train a causal LM with NCA or InfoNCA from a recipe YAML, the way ``trl dpo`` trains with DPO.
+"""Train a causal LM with NCA, InfoNCA or a listwise objective from a recipe YAML, the way ``trl dpo`` trains with DPO.
 
 Usage (any launcher that ``accelerate`` supports; ``trl-nca train`` wraps the first form)::
 
@@ -8,9 +8,10 @@ Usage (any launcher that ``accelerate`` supports; ``trl-nca train`` wraps the fi
         --model_name_or_path path/to/tiny-model --dataset_name path/to/data
 
 The YAML holds the defaults and command-line flags override them (``TrlParser``). Its keys are the fields of
-[`NCAScriptArguments`] (below), of the trainer's config ([`~trl_nca.NCAConfig`] or [`~trl_nca.InfoNCAConfig`], i.e.
-every ``trl.DPOConfig`` / ``TrainingArguments`` field plus ``alpha``) and of ``trl.ModelConfig``; an ``env:`` mapping
-is exported to the environment. The key ``trainer: nca | infonca`` picks the config class, so it is read before the
+[`NCAScriptArguments`] (below), of the trainer's config ([`~trl_nca.NCAConfig`], [`~trl_nca.InfoNCAConfig`] or
+[`~trl_nca.ListwiseConfig`], i.e. every ``trl.DPOConfig`` / ``TrainingArguments`` field plus the loss's own options)
+and of ``trl.ModelConfig``; an ``env:`` mapping is exported to the environment. The key
+``trainer: nca | infonca | listwise`` picks the config class, so it is read before the
 parser is built. Unknown keys and flags are errors.
 """
 
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 TRAINERS: dict[str, tuple[str, str]] = {
     "nca": ("NCAConfig", "NCATrainer"),
     "infonca": ("InfoNCAConfig", "InfoNCATrainer"),
+    "listwise": ("ListwiseConfig", "ListwiseTrainer"),
 }
 
 #: ``dataset_format`` -> name of the row converter in ``trl_nca.converters`` (``None``: the trainers read it as is).
@@ -92,9 +94,10 @@ class NCAScriptArguments(ScriptArguments):
         ignore_bias_buffers (`bool`, *optional*, defaults to `False`):
             Let DDP ignore the model's boolean buffers (TRL's workaround for models that register causal masks).
         trainer (`str`, *optional*, defaults to `"nca"`):
-            ``"nca"`` ([`~trl_nca.NCATrainer`] with [`~trl_nca.NCAConfig`]) or ``"infonca"``
-            ([`~trl_nca.InfoNCATrainer`] with [`~trl_nca.InfoNCAConfig`]). Read before the other arguments, because it
-            decides which config fields exist.
+            ``"nca"`` ([`~trl_nca.NCATrainer`] with [`~trl_nca.NCAConfig`]), ``"infonca"``
+            ([`~trl_nca.InfoNCATrainer`] with [`~trl_nca.InfoNCAConfig`]) or ``"listwise"``
+            ([`~trl_nca.ListwiseTrainer`] with [`~trl_nca.ListwiseConfig`]: Plackett-Luce, LiPO-λ, all-pairs DPO).
+            Read before the other arguments, because it decides which config fields exist.
         dataset_format (`str`, *optional*, defaults to `"reward"`):
             Layout of the rows. ``"reward"`` (``prompt``, ``completions``, ``rewards``) and ``"preference"``
             (``prompt``/``chosen``/``rejected`` or implicit prompt) are read by the trainers directly.
@@ -153,7 +156,7 @@ class NCAScriptArguments(ScriptArguments):
 
 
 def get_config_class(trainer: str) -> type[TrainingArguments]:
-    """The config class (`NCAConfig` or `InfoNCAConfig`) for a ``trainer`` name."""
+    """The config class (`NCAConfig`, `InfoNCAConfig` or `ListwiseConfig`) for a ``trainer`` name."""
     if trainer not in TRAINERS:
         raise ValueError(f"Unknown trainer {trainer!r}: choose one of {sorted(TRAINERS)}.")
     from trl_nca import config
@@ -162,7 +165,7 @@ def get_config_class(trainer: str) -> type[TrainingArguments]:
 
 
 def get_trainer_class(trainer: str) -> type:
-    """The trainer class (`NCATrainer` or `InfoNCATrainer`) for a ``trainer`` name."""
+    """The trainer class (`NCATrainer`, `InfoNCATrainer` or `ListwiseTrainer`) for a ``trainer`` name."""
     if trainer not in TRAINERS:
         raise ValueError(f"Unknown trainer {trainer!r}: choose one of {sorted(TRAINERS)}.")
     from trl_nca import trainer as trainer_module
