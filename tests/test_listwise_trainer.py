@@ -16,7 +16,7 @@ import torch
 from conftest import cpu_args
 from datasets import Dataset
 from test_listwise_losses import oracle_all_pairs, oracle_lipo_lambda, oracle_plackett_luce
-from test_parity import PREFERENCE_TEXT, _collate_all, _grads, _sequence_logps
+from test_parity import PREFERENCE_TEXT, REWARD_ROWS, _collate_all, _grads, _sequence_logps
 from test_shared_prompt import PACKINGS, Target, assert_step_matches, gradients, make_trainer, run_step
 from test_trainer import reward_rows
 from trl import DPOConfig, DPOTrainer
@@ -147,18 +147,10 @@ ORACLE_OPTIONS = [
 def test_eval_loss_matches_the_formula_on_independent_logps(
     tmp_path, tokenizer, make_model, loss_type, options, oracle
 ):
-    """Ragged K with tied rewards; log-probs from a plain forward, the loss from the per-example formula."""
+    """Ragged K with tied rewards (`REWARD_ROWS`); log-probs from a plain forward, the loss from the per-example formula."""
     policy, ref = make_model(seed=0, initializer_range=0.3), make_model(seed=1, initializer_range=0.3)
     beta = 0.2
-    rows = [
-        {
-            "prompt": "what is one plus two?",
-            "completions": [" three", " four", " one two", " blue"],
-            "rewards": [9, 4, 6, 1],
-        },
-        {"prompt": "the sky is", "completions": [" blue.", " green", " red and big"], "rewards": [8.5, 2.0, 2.0]},
-        {"prompt": "hello", "completions": [" world", " sky"], "rewards": [0.3, 0.9]},
-    ]
+    rows = REWARD_ROWS
     expected = []
     for row in rows:
         pi = [_sequence_logps(policy, tokenizer, row["prompt"], c) for c in row["completions"]]
@@ -195,29 +187,6 @@ def test_every_layout_equals_the_padded_layout(tmp_path, tokenizer, make_model, 
     assert target.loss > 0 and all(grad.norm() > 0 for grad in target.grads.values())
     for layout, packed in PACKINGS:
         assert_step_matches(step(layout, packed), target, f"{loss_type}-{layout}-{packed}")
-
-
-def test_precompute_matches_live_reference(tmp_path, tokenizer, make_model):
-    dataset = Dataset.from_list(reward_rows(k=4, ragged=True))
-    first_losses = []
-    for precompute in (False, True):
-        trainer = ListwiseTrainer(
-            make_model(seed=0),
-            ref_model=make_model(seed=1, initializer_range=0.1),
-            args=cpu_args(
-                ListwiseConfig,
-                tmp_path / str(precompute),
-                loss_type=["plackett_luce", "lipo_lambda"],
-                precompute_ref_log_probs=precompute,
-                max_steps=1,
-            ),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
-        assert ("ref_logps" in trainer.train_dataset.column_names) == precompute
-        trainer.train()
-        first_losses.append(trainer.state.log_history[0]["loss"])
-    assert first_losses[0] == pytest.approx(first_losses[1], rel=1e-5)
 
 
 def test_losses_combine_through_loss_weights(tmp_path, tokenizer, make_model):

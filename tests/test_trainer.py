@@ -90,7 +90,10 @@ def test_trains_and_evaluates(tmp_path, tokenizer, make_model, architecture, dat
     assert changed, "training did not update the model"
 
 
-@pytest.mark.parametrize("trainer_cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
+@pytest.mark.parametrize(
+    "trainer_cls,config_cls",
+    [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig), (ListwiseTrainer, ListwiseConfig)],
+)
 def test_precompute_matches_live_reference(tmp_path, tokenizer, make_model, trainer_cls, config_cls):
     dataset = Dataset.from_list(reward_rows(k=4, ragged=True))
     first_losses = []
