@@ -41,6 +41,9 @@ GPU_ACCELERATE_CONFIGS = {"single_device", "ddp", "zero2", "zero3", "zero3_offlo
 CPU_ACCELERATE_CONFIGS = {"cpu_ddp", "cpu_zero3"}
 # The authors' global batch (8 GPUs x 1 x 4 accumulation steps); every GPU recipe keeps it whatever its layout.
 GLOBAL_BATCH = 32
+# `trainer:` key -> the config and trainer classes it selects (trl_nca.scripts.train.TRAINERS).
+CONFIG_CLASSES = {"nca": "NCAConfig", "infonca": "InfoNCAConfig", "listwise": "ListwiseConfig"}
+TRAINER_CLASSES = {"nca": "NCATrainer", "infonca": "InfoNCATrainer", "listwise": "ListwiseTrainer"}
 
 
 def _rel(path: Path) -> str:
@@ -73,6 +76,11 @@ def test_all_recipe_families_are_shipped():
     assert {"recipes/mistral-7b/nca_reward_full.yaml", "recipes/mistral-7b/infonca_reward_full.yaml"} <= names
     assert {"recipes/mistral-7b/nca_reward_qlora.yaml", "recipes/mistral-7b/nca_preference_qlora.yaml"} <= names
     assert {"recipes/mixtral-8x7b/nca_reward_lora.yaml", "recipes/mixtral-8x7b/nca_reward_qlora.yaml"} <= names
+    assert {
+        "recipes/tiny/listwise_reward.yaml",
+        "recipes/mistral-7b/listwise_reward_full.yaml",
+        "recipes/mistral-7b/listwise_reward_qlora.yaml",
+    } <= names
     assert {p.stem for p in ACCELERATE_CONFIGS} == GPU_ACCELERATE_CONFIGS | CPU_ACCELERATE_CONFIGS
 
 
@@ -96,7 +104,7 @@ def test_recipe_parses_with_no_unknown_keys(path):
         return  # building that config joins a process group: only under a launcher (test_distributed.py)
     # The dataclasses accept the values (their __post_init__ checks run); unknown keys would raise here too.
     _, (script_args, training_args, model_args) = _parse(path)
-    assert type(training_args).__name__ == {"nca": "NCAConfig", "infonca": "InfoNCAConfig"}[recipe["trainer"]]
+    assert type(training_args).__name__ == CONFIG_CLASSES[recipe["trainer"]]
     assert script_args.dataset_format == recipe.get("dataset_format", "reward")
     assert model_args.model_name_or_path == recipe.get("model_name_or_path")
 
@@ -121,6 +129,34 @@ def test_trainer_key_picks_the_config_class():
     # The command line wins over the recipe's `trainer:`.
     script_args, args, _ = parse_args([str(RECIPES_DIR / "tiny" / "infonca_reward.yaml"), "--trainer", "nca"])
     assert type(args).__name__ == "NCAConfig" and script_args.trainer == "nca"
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny/listwise_reward", "mistral-7b/listwise_reward_full", "mistral-7b/listwise_reward_qlora"]
+)
+def test_listwise_recipes(name):
+    """The listwise recipes train Plackett-Luce with no reward temperature; the LiPO-λ option their comments show
+    parses once LiPO-λ is the loss, and is refused while it is not (it would be silently ignored)."""
+    path = resolve_recipe(name)
+    recipe, (_, training_args, _) = _parse(path)
+    assert type(training_args).__name__ == "ListwiseConfig" and training_args.loss_type == ["plackett_luce"]
+    assert not hasattr(training_args, "alpha") and training_args.tie_break == "share"
+    assert training_args.beta == recipe["beta"] == (0.1 if path.parent.name == "tiny" else 0.01)
+    assert training_args.plackett_luce_top_m is None and training_args.lipo_label_normalization == "none"
+    if path.parent.name == "tiny":
+        return
+    text = path.read_text()
+    assert "# lipo_label_normalization: minmax" in text and "# plackett_luce_top_m: 1" in text
+    _, (_, lipo_args, _) = _parse(path, "--loss_type", "lipo_lambda", "--lipo_label_normalization", "minmax")
+    assert lipo_args.loss_type == ["lipo_lambda"] and lipo_args.lipo_label_normalization == "minmax"
+    with pytest.raises(ValueError, match="lipo_label_normalization"):
+        _parse(path, "--lipo_label_normalization", "minmax")
+    # Everything but the loss is the NCA recipe's: data, batch, layout, schedule, model, adapters.
+    nca = _load(path.with_name(path.name.replace("listwise", "nca")))
+    loss_keys = {"trainer", "beta", "alpha", "tie_break", "loss_type", "output_dir", "hub_model_id"}
+    assert {k: v for k, v in recipe.items() if k not in loss_keys} == {
+        k: v for k, v in nca.items() if k not in loss_keys
+    }
 
 
 def test_bundled_recipe_names_resolve():
@@ -207,7 +243,7 @@ def test_recipe_trains_two_steps(path, tiny_models, tmp_path):
         argv += ["--bf16", "false", "--dtype", "float32"]
     trainer = main(*parse_args(argv))
 
-    assert type(trainer).__name__ == {"nca": "NCATrainer", "infonca": "InfoNCATrainer"}[recipe["trainer"]]
+    assert type(trainer).__name__ == TRAINER_CLASSES[recipe["trainer"]]
     assert trainer.state.global_step == 2
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(math.isfinite(loss) for loss in losses)
