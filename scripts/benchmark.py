@@ -34,6 +34,11 @@ callback timestamps each optimizer step. Layouts (`LAYOUT_SPECS`):
 - `padded_precompute`, `shared_prompt_precompute`: as `padded` / `shared_prompt` with
   `precompute_ref_log_probs=True`: the reference pass runs once over the dataset when the trainer is built
   (`precompute_s`, not in the step time) and the steps run the policy only.
+- `shared_prompt_plackett_luce`, `shared_prompt_lipo_lambda` (`LISTWISE_LAYOUTS`, issue #20): as `shared_prompt`, with
+  `trl_nca.ListwiseTrainer` instead of `NCATrainer`: `loss_type=["plackett_luce"]`, and `["lipo_lambda"]` with
+  `lipo_label_normalization="minmax"` (the rewards are 1-10 scores). Same forward, same data: only the loss on the
+  (prompts, K) log-probs differs. Not in the presets: run them with `shared_prompt` in one group (`--layouts
+  shared_prompt shared_prompt_plackett_luce shared_prompt_lipo_lambda`) so their steps interleave.
 
 Layouts the device cannot run (flex and FlashAttention-2 on CPU; FlashAttention-2 in fp32 or where transformers'
 `is_flash_attn_2_available()`, the check it makes when a model is loaded with it, is False) are skipped with a printed
@@ -108,7 +113,10 @@ Per mix, `ratios` and `targets` (issue #10): the best shared-prompt variant (fas
 excluded) >= 0.9 x `position_limit` faster per step than `padded_padding_free` and >= 1.8x faster than `padded`, its
 collator <= 2% of the step, no collator tensor larger than `input_ids`, its peak memory <= `padded_padding_free`'s; on
 CUDA the best flex variant >= 0.9 x `position_limit` over `padded_padding_free_flash`. `targets_v1` keeps the v1
-checks of `shared_prompt`. Timings are reported, never asserted by the tests.
+checks of `shared_prompt`. The listwise layouts get `<loss>_over_nca_step` (ratio of the median steps),
+`<loss>_over_nca_step_paired_median` (median over the timed steps of the per-step ratio: step i of both layouts ran
+the same batch, interleaved), `<loss>_over_nca_step_paired_min` / `_max` and `<loss>_over_nca_peak_mem`, against
+`shared_prompt` (issue #20: the same cost as NCA per step). Timings are reported, never asserted by the tests.
 
 Presets (`--preset`; any option given explicitly wins):
 
@@ -123,6 +131,8 @@ Examples::
 
     python scripts/benchmark.py --json benchmark.json                      # CPU preset, both mixes
     python scripts/benchmark.py --preset gpu --json gpu.json               # on a CUDA machine
+    python scripts/benchmark.py --mix ultrafeedback --steps 12 --layouts shared_prompt shared_prompt_plackett_luce \
+        shared_prompt_lipo_lambda --json listwise.json                     # listwise vs NCA, interleaved
 """
 
 from __future__ import annotations
@@ -168,14 +178,15 @@ from transformers.models.mistral import modeling_mistral  # noqa: E402
 from transformers.utils import is_flash_attn_2_available  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from trl_nca import NCAConfig, NCATrainer  # noqa: E402
+from trl_nca import ListwiseConfig, ListwiseTrainer, NCAConfig, NCATrainer  # noqa: E402
 from trl_nca.attention import mask_nbytes  # noqa: E402
 from trl_nca.tiny import SPECIAL_TOKENS, build_tiny_model, build_tokenizer  # noqa: E402
 
 K = 4
 
-# What each layout runs: the trainer ("nca" = trl_nca.NCATrainer, "dpo" = trl.DPOTrainer on pairs), the K-way layout,
-# `padding_free`, `precompute_ref_log_probs`, the attention implementation (None = `--attn`) and the rows it trains on.
+# What each layout runs: the trainer ("nca" = trl_nca.NCATrainer, "listwise" = trl_nca.ListwiseTrainer with the config
+# options in `loss`, "dpo" = trl.DPOTrainer on pairs), the K-way layout, `padding_free`, `precompute_ref_log_probs`,
+# the attention implementation (None = `--attn`) and the rows it trains on.
 LAYOUT_SPECS: dict[str, dict[str, Any]] = {
     "padded": dict(trainer="nca", kway_layout="padded"),
     "padded_padding_free": dict(trainer="nca", kway_layout="padded", padding_free=True),
@@ -194,8 +205,19 @@ LAYOUT_SPECS: dict[str, dict[str, Any]] = {
     "shared_prompt_packed_flex": dict(
         trainer="nca", kway_layout="shared_prompt", padding_free=True, attn="flex_attention"
     ),
+    "shared_prompt_plackett_luce": dict(
+        trainer="listwise", kway_layout="shared_prompt", loss=dict(loss_type=["plackett_luce"])
+    ),
+    "shared_prompt_lipo_lambda": dict(
+        trainer="listwise",
+        kway_layout="shared_prompt",
+        loss=dict(loss_type=["lipo_lambda"], lipo_label_normalization="minmax"),
+    ),
 }
 LAYOUTS = tuple(LAYOUT_SPECS)
+# The listwise objectives (issue #20), each compared with NCA on the same layout (`shared_prompt`); not in the presets.
+LISTWISE_LAYOUTS = {"shared_prompt_plackett_luce": "plackett_luce", "shared_prompt_lipo_lambda": "lipo_lambda"}
+TRAINER_NAMES = {"nca": "trl_nca.NCATrainer", "listwise": "trl_nca.ListwiseTrainer", "dpo": "trl.DPOTrainer"}
 # The shared-prompt variants the issue-#10 targets compare (precompute excluded: the baselines run the reference too).
 SHARED_VARIANTS = ("shared_prompt", "shared_prompt_packed", "shared_prompt_flex", "shared_prompt_packed_flex")
 FLEX_VARIANTS = ("shared_prompt_flex", "shared_prompt_packed_flex")
@@ -282,7 +304,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         group_size=4,
         gradient_checkpointing=False,
         mix=["ultrafeedback", "long_prompt"],
-        layouts=list(LAYOUTS),
+        layouts=[name for name in LAYOUTS if name not in LISTWISE_LAYOUTS],
     ),
     # One layout at a time on a GPU: processes of a group would each keep their allocator cache of a 1B model.
     "gpu": dict(
@@ -572,8 +594,8 @@ class _PretokenizedDPOTrainer(_TimedPrecompute, DPOTrainer):
         return dataset
 
 
-class _TimedNCATrainer(_TimedPrecompute, NCATrainer):
-    """`NCATrainer` that records how long the reference precompute and the device attention mask take."""
+class _TimedMask:
+    """Records how long the trainer's device attention mask takes (`mask_build_s`)."""
 
     mask_build_s: float = 0.0
     sync_cuda: bool = False
@@ -585,6 +607,14 @@ class _TimedNCATrainer(_TimedPrecompute, NCATrainer):
             torch.cuda.synchronize()
         self.mask_build_s += time.perf_counter() - start
         return mask
+
+
+class _TimedNCATrainer(_TimedMask, _TimedPrecompute, NCATrainer):
+    """`NCATrainer` that records how long the reference precompute and the device attention mask take."""
+
+
+class _TimedListwiseTrainer(_TimedMask, _TimedPrecompute, ListwiseTrainer):
+    """`ListwiseTrainer` that records how long the reference precompute and the device attention mask take."""
 
 
 class _Turns:
@@ -831,13 +861,17 @@ def run_layout(
     else:
         kway_layout = spec["kway_layout"]
         data = sft_floor_rows(rows) if spec.get("rows") == "sft_floor" else rows
-        trainer = _TimedNCATrainer(
+        listwise = spec["trainer"] == "listwise"
+        trainer_class = _TimedListwiseTrainer if listwise else _TimedNCATrainer
+        config_class = ListwiseConfig if listwise else NCAConfig
+        trainer = trainer_class(
             policy,
             ref_model=ref,
-            args=NCAConfig(
+            args=config_class(
                 per_device_train_batch_size=prompts_per_step,
                 kway_layout=kway_layout,
                 padding_free=padding_free,
+                **spec.get("loss", {}),
                 **common,
             ),
             train_dataset=Dataset.from_list(data),
@@ -853,7 +887,7 @@ def run_layout(
     init_s = time.perf_counter() - start
     turns.done()
     probe = _MaskProbe()
-    timer = _StepTimer(cuda, turns, probe, trainer if isinstance(trainer, _TimedNCATrainer) else None)
+    timer = _StepTimer(cuda, turns, probe, trainer if isinstance(trainer, _TimedMask) else None)
     trainer.add_callback(timer)
     trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
     counter = _CountingCollator(trainer.data_collator)
@@ -886,7 +920,8 @@ def run_layout(
     timed = counter.batches[warmup:total_steps]
     collator = trainer.data_collator.inner
     return {
-        "trainer": "trl.DPOTrainer" if spec["trainer"] == "dpo" else "trl_nca.NCATrainer",
+        "trainer": TRAINER_NAMES[spec["trainer"]],
+        "loss_type": list(trainer.args.loss_type),
         "collator_layout": getattr(collator, "layout", "trl.DataCollatorForPreference"),
         "padding_free": padding_free,
         # after training: the first-batch layout check may have fallen back (kway_layout="auto" only)
@@ -938,6 +973,7 @@ def summarize(part: dict[str, Any]) -> dict[str, Any]:
     mask_max = max(part["device_mask"], key=lambda info: info["bytes"])
     return {
         "trainer": part["trainer"],
+        "loss_type": part["loss_type"],
         "collator_layout": part["collator_layout"],
         "padding_free": part["padding_free"],
         "attn_implementation": part["attn_implementation"],
@@ -962,6 +998,7 @@ def summarize(part: dict[str, Any]) -> dict[str, Any]:
         "device_mask_kind": mask_max["kind"],
         "device_mask_bytes_per_step": [info["bytes"] for info in part["device_mask"]],
         "mask_build_s_median": statistics.median(part["mask_build_s"]) if part["mask_build_s"] else None,
+        "logged": part["logged"],
         "init_s": part["init_s"],
         "precompute_s": precompute_s,
         "precompute_s_per_prompt": None if precompute_s is None else precompute_s / part["precomputed_prompts"],
@@ -1121,6 +1158,16 @@ def compute_ratios(
         "trl_dpo_over_shared_per_epoch": ("trl_dpo_pairs", "shared_prompt"),
     }.items():
         ratios[f"{name}_paired_median"] = paired(a, b)
+    # Issue #20: each listwise objective against NCA on the same layout and batches (present when both ran).
+    for layout, loss in LISTWISE_LAYOUTS.items():
+        if layout in layouts and "shared_prompt" in layouts:
+            nca, name = layouts["shared_prompt"], f"{loss}_over_nca"
+            per_step = [x / y for x, y in zip(get(layout, "step_s"), nca["step_s"])]
+            ratios[f"{name}_step"] = _ratio(get(layout, "step_s_median"), nca["step_s_median"])
+            ratios[f"{name}_step_paired_median"] = statistics.median(per_step)
+            ratios[f"{name}_step_paired_min"] = min(per_step)
+            ratios[f"{name}_step_paired_max"] = max(per_step)
+            ratios[f"{name}_peak_mem"] = _ratio(get(layout, "peak_mem_mb"), nca["peak_mem_mb"])
 
     speedup = ratios["padded_padding_free_over_best_shared_step"]
     shared_ran = [name for name in SHARED_VARIANTS if name in layouts]
@@ -1458,7 +1505,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="(gpu preset: on)"
     )
-    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=None, help="(default: the preset's)")
+    parser.add_argument(
+        "--layouts", nargs="+", choices=LAYOUTS, default=None, help="(default: the preset's; the listwise ones: named)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: GPU table)")
     parser.add_argument("--prompt-median", type=float, default=None, help="override, every mix")

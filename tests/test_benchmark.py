@@ -3,6 +3,7 @@ computes, the mixes, skipped layouts, the GPU preset's code path on a CPU. No ti
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_json_schema(benchmark, micro_result):
     assert list(result["mixes"]) == ["ultrafeedback", "long_prompt"]
     assert set(result["skipped"]) == CPU_SKIPPED
     assert "no backward pass on CPU" in result["skipped"]["shared_prompt_flex"]
-    ran = [name for name in benchmark.LAYOUTS if name not in CPU_SKIPPED]
+    ran = [name for name in benchmark.LAYOUTS if name not in CPU_SKIPPED | set(benchmark.LISTWISE_LAYOUTS)]
     assert result["config"]["layouts"] == ran and result["config"]["preset"] == "cpu"
     for mix in result["mixes"].values():
         assert list(mix["layouts"]) == ran
@@ -171,6 +172,43 @@ def test_mixes_have_different_length_stats(benchmark, micro_result):
     assert benchmark.mix_settings("long_prompt", "full")["prompt_median"] == 600
     assert benchmark.mix_settings("long_prompt", "full")["response_median"] == 200
     assert benchmark.mix_settings("ultrafeedback", "cpu", overrides={"max_length": 99})["max_length"] == 99
+
+
+def test_listwise_layouts_against_nca(benchmark, tmp_path):
+    """Issue #20's listwise row: ListwiseTrainer (Plackett-Luce, LiPO-λ) on the shared_prompt layout, the same data and
+    the same computed positions as NCA's shared_prompt, with per-step ratios to NCA (values not asserted)."""
+    layouts = ["shared_prompt", *benchmark.LISTWISE_LAYOUTS]
+    path = tmp_path / "listwise.json"
+    argv = [*MICRO, "--mix", "ultrafeedback", "--layouts", *layouts, "--in-process", "--json", str(path)]
+    result = benchmark.main(argv)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert not set(benchmark.LISTWISE_LAYOUTS) & set(benchmark.parse_args([]).layouts)  # named, not in the presets
+    mix = result["mixes"]["ultrafeedback"]
+    assert list(mix["layouts"]) == layouts and mix["same_data"] is True
+    rows = mix["layouts"]
+    nca = rows["shared_prompt"]
+    assert (nca["trainer"], nca["loss_type"]) == ("trl_nca.NCATrainer", ["nca"])
+    for layout, loss in benchmark.LISTWISE_LAYOUTS.items():
+        row = rows[layout]
+        assert (row["trainer"], row["loss_type"]) == ("trl_nca.ListwiseTrainer", [loss]), layout
+        assert row["collator_layout"] == "shared_prompt" and row["padding_free"] is False
+        assert LAYOUT_KEYS <= set(row) and row["mask_build_s_median"] is not None
+        for key in ("computed_tokens_per_step", "nonpad_tokens_per_step", "device_mask_bytes_per_step", "data_digest"):
+            assert row[key] == nca[key], (layout, key)
+        ratios = mix["ratios"]
+        assert ratios[f"{loss}_over_nca_step"] == pytest.approx(row["step_s_median"] / nca["step_s_median"])
+        per_step = [a / b for a, b in zip(row["step_s"], nca["step_s"])]
+        assert ratios[f"{loss}_over_nca_step_paired_median"] == pytest.approx(statistics.median(per_step))
+        assert ratios[f"{loss}_over_nca_step_paired_min"] == min(per_step)
+        assert ratios[f"{loss}_over_nca_step_paired_max"] == max(per_step)
+        assert ratios[f"{loss}_over_nca_peak_mem"] > 0
+    # The rows trained different objectives on the same batches: their logged losses differ.
+    losses = [rows[name]["logged"][-1]["loss"] for name in layouts]
+    assert all(math.isfinite(loss) for loss in losses) and len(set(losses)) == 3
+    # Without shared_prompt in the run there is nothing to compare: no listwise ratio.
+    assert not any(
+        "_over_nca" in key for key in benchmark.compute_ratios({"shared_prompt_lipo_lambda": rows[layout]})[0]
+    )
 
 
 def test_explicitly_requested_unavailable_layout_is_a_one_line_error(benchmark):
