@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Reproduce docs/results.md: SFT only vs DPO (best-vs-worst, best-vs-each-other) vs InfoNCA vs NCA on the offline demo
-task, same data and budget, 3 seeds, hyper-parameters tuned on a validation split with the same grid for every method.
+"""Reproduce docs/results.md: SFT only vs DPO (best-vs-worst, best-vs-each-other) vs Plackett-Luce DPO vs LiPO-λ vs
+InfoNCA vs NCA on the offline demo task, same data and budget, 3 seeds, hyper-parameters tuned on a validation split
+with the same grid for every method.
 
-    python scripts/reproduce_results.py                 # 15-30 min on 2 CPU cores: docs/results.md, docs/img/
+    python scripts/reproduce_results.py                 # ~20 min on 2 CPU cores: docs/results.md, docs/img/
     python scripts/reproduce_results.py --regime pool   # responses by 4 other models: docs/results_pool.md
-    python scripts/reproduce_results.py --from-json runs/reproduce/results.json \
-        --pool-json runs/reproduce-pool/results.json    # only re-render results.md, with the pool regime's claim 2
+    python scripts/reproduce_results.py --from-json docs/results/reproduce_self.json \
+        --pool-json docs/results/reproduce_pool.json    # only re-render results.md (with the pool regime's claim 2)
 
 Runs, cached SFT models and reward data and the raw `results.json` go to `--output-dir` (default `runs/reproduce`,
 `runs/reproduce-pool` for `--regime pool`).

@@ -260,6 +260,37 @@ def test_demo_progress_bars_say_what_they_are(tmp_path, monkeypatch):
     ]
 
 
+def test_listwise_methods_train_with_listwise_trainer_on_all_k_responses(tmp_path, monkeypatch):
+    """`plackett_luce` / `lipo_lambda`: `ListwiseTrainer` with that loss_type (LiPO-λ labels = the rewards), on every
+    prompt's K responses with NCA's budget and hyper-parameters."""
+    from dataclasses import replace
+
+    import trl_nca
+
+    seen = []
+
+    class RecordingListwiseTrainer(trl_nca.ListwiseTrainer):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["args"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trl_nca, "ListwiseTrainer", RecordingListwiseTrainer)
+    preset = replace(P.PRESETS["tiny"], n_demos=16, sft_epochs=1, sft_batch=8, align_steps=2, align_batch=2)
+    tokenizer = P.build_demo_tokenizer()
+    digits = [[random.Random(i).randrange(10) for _ in range(3)] for i in range(preset.n_demos)]
+    P.train_sft(preset, tokenizer, P.sft_dataset_rows(digits, preset.p_correct, 0), 0, tmp_path / "sft", False)
+    rows = [_row(["1 2 3", "3 1 2", "1 2", "2 1 3"], [1.0, 0.4, 0.6, 0.3])] * 4
+    hparams = P.AlignHParams(learning_rate=3e-4, beta=0.5, alpha=0.1)
+    for method in P.LISTWISE_METHODS:
+        result = P.align(method, tmp_path / "sft", tokenizer, rows, None, hparams, preset, 0, tmp_path, False)
+        assert result.n_train_rows == len(rows) and any("loss" in entry for entry in result.log_history)
+    assert [args.loss_type for args in seen] == [["plackett_luce"], ["lipo_lambda"]]
+    for args in seen:
+        assert args.lipo_label_normalization == "none" and args.plackett_luce_top_m is None
+        assert (args.per_device_train_batch_size, args.max_steps) == (preset.align_batch, preset.align_steps)
+        assert (args.learning_rate, args.beta) == (3e-4, 0.5)
+
+
 @pytest.mark.slow
 def test_demo_terminal_output_is_labelled_bars_and_its_own_lines(tmp_path):
     """What a user sees from `trl-nca demo` (tiny size, bars on): every progress bar says what it is, and every other
@@ -373,3 +404,88 @@ def test_claim_verdicts_follow_the_numbers():
 
     nca_lowest = dict(falls, nca=[-3.0, -3.0, -3.0])
     assert "Verdict: **not reproduced: NCA is not above" in "\n".join(claims_section(_fake_results(nca_lowest, up)))
+
+
+def _full_fake_results(methods=P.METHODS) -> dict:
+    """A `run_comparison` result for `write_results_md`, every number made up (seeded by method and seed)."""
+    from dataclasses import asdict
+
+    def record(method, seed, lr=1e-3, beta=0.5, alpha=0.1):
+        rng = random.Random(f"{method}-{seed}-{lr}-{beta}")
+        changes = [0.0] * 4 if method == "sft" else [rng.uniform(-2, 1) for _ in range(4)]
+        return {
+            "method": method,
+            "seed": seed,
+            "hparams": {"learning_rate": lr, "beta": beta, "alpha": alpha},
+            "likelihood": [{"step": s, "logps_by_rank": [rng.uniform(-9, -3) for _ in range(4)]} for s in (0, 8)],
+            "reward_sampled": rng.uniform(0.8, 0.95),
+            "exact_sampled": rng.uniform(0.4, 0.6),
+            "reward_greedy": rng.uniform(0.9, 1.0),
+            "best_logp_change": changes[0],
+            "rank_logp_change": changes,
+            "ideal_logp_change": rng.uniform(-1, 1),
+            "ranking_accuracy": None if method == "sft" else rng.uniform(0.3, 0.6),
+        }
+
+    seeds, grid = [0, 1, 2], {"learning_rate": [1e-4, 1e-3], "beta": [0.5, 2.0], "alpha": 0.1}
+    tuning = [record("sft", 1000)] + [
+        record(m, 1000, lr, beta) for m in methods for lr in grid["learning_rate"] for beta in grid["beta"]
+    ]
+    return {
+        "size": "tiny",
+        "regime": "self",
+        "preset": asdict(P.PRESETS["tiny"]),
+        "K": 4,
+        "seeds": seeds,
+        "tuning_seed": 1000,
+        "grid": grid,
+        "methods": list(methods),
+        "selected": {m: {"learning_rate": 1e-3, "beta": 0.5, "alpha": 0.1} for m in methods},
+        "tuning": tuning,
+        "runs": [record(m, s) for s in seeds for m in ("sft", *methods)],
+        "ablation": [record(m, s, alpha=0.0) for s in seeds for m in ("nca", "infonca")],
+        "data": {
+            str(s): {"n_train_prompts": 64, "n_trainable": 63, "reward_by_model": {"sft": {"mean": 0.8}}}
+            for s in seeds
+        },
+        "wall_s": 60.0,
+        "machine": "test",
+        "command": "python scripts/reproduce_results.py",
+    }
+
+
+def test_results_report_has_the_listwise_baselines_and_their_paired_differences_vs_nca(tmp_path):
+    from trl_nca.demo.compare import _paired, write_results_md
+
+    results = _full_fake_results()
+    path = write_results_md(results, tmp_path / "results.md", tmp_path / "img", results["command"])
+    text = path.read_text()
+    runs = {m: [r for r in results["runs"] if r["method"] == m] for m in P.METHODS}
+    test_table = text[text.index("## Test results") : text.index("Change of the test log-likelihood")]
+    tuning_table = text[text.index("## Tuning") :]
+    for method in P.LISTWISE_METHODS:
+        label = P.METHOD_LABELS[method]
+        assert f"| {label} | 0.001 / 0.5 |" in test_table  # no α: the listwise losses have none
+        assert f"| {label} |" in text[text.index("| rank 0 |") :]  # the likelihood-by-rank table
+        assert label in tuning_table.splitlines()[4]  # a column of the tuning grid
+        assert f"- {label}: " in text[text.index("**Claim 2**") :]
+        for key, digits in (("reward_sampled", 3), ("best_logp_change", 2)):
+            diffs = _paired(runs, "nca", method, key)
+            per_seed = ", ".join(f"{d:+.{digits}f}" for d in diffs)
+            assert f"- NCA − {label}: " in text and f"per seed {per_seed})" in text
+    assert not any(f"{P.METHOD_LABELS[m]} (α = 0)" in text for m in P.LISTWISE_METHODS)  # ablation: NCA/InfoNCA
+    assert all((tmp_path / "img" / name).is_file() for name in ("final_metrics.png", "likelihood_by_method.png"))
+
+    # --from-json re-renders from a results file and says so
+    from trl_nca.demo.compare import main
+
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["--from-json", str(tmp_path / "results.json"), "--docs-dir", str(tmp_path / "docs")]) == 0
+    rendered = (tmp_path / "docs" / "results.md").read_text()
+    assert f"from `{tmp_path / 'results.json'}`" in rendered and "--from-json" in rendered
+    assert rendered.split("```")[1:] == text.split("```")[1:]  # the same page below its first line
+
+    # a run without the listwise baselines (e.g. an older results.json) renders without them
+    old = _full_fake_results(methods=("nca", "infonca", "dpo", "dpo_all"))
+    text = write_results_md(old, tmp_path / "old.md", tmp_path / "img-old", old["command"]).read_text()
+    assert "Plackett-Luce" not in text and "LiPO" not in text and "# Results: NCA vs InfoNCA vs DPO on the" in text

@@ -1,5 +1,6 @@
-"""The reproduction: SFT only vs DPO (best-vs-worst and best-vs-each-other pairs) vs InfoNCA vs NCA on the demo task,
-same data and budget, 3 seeds, hyper-parameters tuned on a validation split with the same grid for every method.
+"""The reproduction: SFT only vs DPO (best-vs-worst and best-vs-each-other pairs) vs the listwise Plackett-Luce DPO and
+LiPO-λ vs InfoNCA vs NCA on the demo task, same data and budget, 3 seeds, hyper-parameters tuned on a validation split
+with the same grid for every method.
 
     python scripts/reproduce_results.py            # writes docs/results.md and docs/img/*.png
     trl-nca demo --compare --output-dir DIR        # writes DIR/results.md and DIR/img/*.png
@@ -25,11 +26,12 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from trl_nca.demo.pipeline import METHOD_LABELS
+from trl_nca.demo.pipeline import LISTWISE_METHODS, METHOD_LABELS
 from trl_nca.demo.report import mean_std
 
 DEFAULT_SEEDS = (0, 1, 2)
@@ -218,17 +220,8 @@ def claims_section(results: dict[str, Any]) -> list[str]:
         "preference pairs binarized from the same data. Paired per-seed differences of the held-out sampled reward:"
     )
     lines.append("")
-    wins, comparisons = 0, 0
-    for a in ("nca", "infonca"):
-        for b in ("dpo", "dpo_all"):
-            diffs = _paired(runs, a, b, "reward_sampled")
-            if not diffs:
-                continue
-            comparisons += 1
-            wins += all(d > 0 for d in diffs)
-            lines.append(
-                f"- {METHOD_LABELS[a]} − {METHOD_LABELS[b]}: {mean_std(diffs, 3, signed=True)} ({_verdict(diffs)})"
-            )
+    diff_lines, wins, comparisons = _paired_lines(runs, ("nca", "infonca"), ("dpo", "dpo_all"), "reward_sampled", 3)
+    lines += diff_lines
     if comparisons:
         if wins == comparisons:
             verdict = "reproduced: both K-way methods beat both DPO variants on every seed"
@@ -252,10 +245,40 @@ def claims_section(results: dict[str, Any]) -> list[str]:
             "β): " + "; ".join(diffs) + ".",
             "",
         ]
+    listwise_lines, wins, comparisons = _paired_lines(runs, ("nca", "infonca"), LISTWISE_METHODS, "reward_sampled", 3)
+    if comparisons:
+        lines += [
+            "Against the listwise baselines, which also train on all K responses of each prompt but from their "
+            "ranking under the rewards (Plackett-Luce DPO, LiPO-λ: `trl_nca.ListwiseTrainer`; not in the paper), "
+            "paired per-seed differences of the held-out sampled reward:",
+            "",
+            *listwise_lines,
+            "",
+            f"{wins} of {comparisons} NCA/InfoNCA-vs-listwise comparisons are wins on every seed.",
+            "",
+        ]
     lines += claim2_lines(runs)
     if "nca" in runs:
         lines += _likelihood_at_equal_hparams(results)
     return lines
+
+
+def _paired_lines(
+    runs: dict[str, list[dict[str, Any]]], methods: Sequence[str], baselines: Sequence[str], key: str, digits: int
+) -> tuple[list[str], int, int]:
+    """`- A − B: mean ± std (verdict; per seed ...)` for each measured pair; also the number of pairs where A is higher
+    on every seed, and the number of pairs."""
+    lines, wins = [], 0
+    for a, b in itertools.product(methods, baselines):
+        diffs = _paired(runs, a, b, key)
+        if diffs:
+            wins += all(d > 0 for d in diffs)
+            per_seed = ", ".join(f"{d:+.{digits}f}" for d in diffs)
+            lines.append(
+                f"- {METHOD_LABELS[a]} − {METHOD_LABELS[b]}: {mean_std(diffs, digits, signed=True)} "
+                f"({_verdict(diffs)}; per seed {per_seed})"
+            )
+    return lines, wins, len(lines)
 
 
 def claim2_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -267,7 +290,7 @@ def claim2_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         "(nats):"
     )
     lines.append("")
-    for m in ("nca", "infonca", "dpo", "dpo_all"):
+    for m in ("nca", "infonca", "dpo", "dpo_all", *LISTWISE_METHODS):
         if m in runs:
             vals = [r["best_logp_change"] for r in runs[m]]
             lines.append(
@@ -275,6 +298,7 @@ def claim2_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 f"(negative on {sum(v < 0 for v in vals)} of {len(vals)} seeds)"
             )
     if "nca" in runs:
+        # the verdict is about the paper's methods; the listwise baselines' paired differences follow it
         others = [m for m in ("infonca", "dpo", "dpo_all") if m in runs]
         nca_vals = [r["best_logp_change"] for r in runs["nca"]]
         above = all(all(d > 0 for d in _paired(runs, "nca", o, "best_logp_change")) for o in others)
@@ -302,6 +326,14 @@ def claim2_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         else:
             verdict = "not reproduced: NCA is not above every other method on every seed"
         lines += ["", f"Verdict: **{verdict}**.", ""]
+        listwise_lines = _paired_lines(runs, ("nca",), LISTWISE_METHODS, "best_logp_change", 2)[0]
+        if listwise_lines:
+            lines += [
+                "The listwise baselines (not in the paper, nor in the verdict), paired per-seed differences (nats):",
+                "",
+                *listwise_lines,
+                "",
+            ]
     return lines
 
 
@@ -395,11 +427,16 @@ def write_results_md(
     )
     runs = _by_method(results["runs"])
     ablation = _by_method(results.get("ablation", []))
-    order = ["sft", *[m for m in ("dpo", "dpo_all", "infonca", "nca") if m in runs]]
+    order = ["sft", *[m for m in ("dpo", "dpo_all", *LISTWISE_METHODS, "infonca", "nca") if m in runs]]
+    listwise = [METHOD_LABELS[m] for m in LISTWISE_METHODS if m in runs]
     p = results["preset"]
     n_seeds = len(results["seeds"])
     pool = results.get("regime", "self") == "pool"
     responses = "pool response" if pool else "SFT sample"
+    source = results.get("source")
+    rerender = f"python scripts/reproduce_results.py --from-json {source}" + (
+        f" --pool-json {pool_results['source']}" if pool_results and pool_results.get("source") else ""
+    )
 
     lik_path = plot_likelihood_by_method(
         {m: [r["likelihood"] for r in runs[m]] for m in order if m != "sft"},
@@ -443,11 +480,14 @@ def write_results_md(
         "|---|---|---|---|---|---|---|---|",
     ]
     lines = [
-        "# Results: NCA vs InfoNCA vs DPO on the demo task"
+        "# Results: NCA vs InfoNCA vs DPO"
+        + (" vs " + " vs ".join(listwise) if listwise else "")
+        + " on the demo task"
         + (", responses written by a pool of other models" if pool else ""),
         "",
-        "Generated by `scripts/reproduce_results.py` from `results.json`; every number below is measured by that "
-        "script. Task, model and protocol: [demo.md](demo.md)"
+        f"Generated by `scripts/reproduce_results.py` from `{source or 'results.json'}`"
+        + (f", the raw per-seed results of the command below (`{rerender}` re-renders this page)" if source else "")
+        + "; every number below is measured by that script. Task, model and protocol: [demo.md](demo.md)"
         + (
             "; this is the protocol of [results.md](results.md) with the reward data (and the held-out responses "
             "whose likelihood is tracked) written by other models, as in the paper's Figure 2."
@@ -484,7 +524,14 @@ def write_results_md(
         )
         + ", scored by the reward; the same rows for every method. DPO (best vs worst) trains on the best and worst "
         "response of each prompt, DPO (best vs each other) on the best against each strictly worse one; prompts "
-        "whose K rewards all tie carry no preference and are skipped by both. Prompts with an empty response "
+        "whose K rewards all tie carry no preference and are skipped by both"
+        + (
+            f"; {' and '.join(listwise)} (`trl_nca.ListwiseTrainer`, loss_type `plackett_luce` / `lipo_lambda`, "
+            "LiPO-λ's labels = the rewards, which lie in [0, 1]) train on all K responses like InfoNCA and NCA"
+            if listwise
+            else ""
+        )
+        + ". Prompts with an empty response "
         "(trl-nca's trainers refuse empty assistant turns) are dropped for every method: "
         + ", ".join(
             f"{d['n_train_prompts'] - d['n_trainable']} of {d['n_train_prompts']}" for d in results["data"].values()
@@ -593,7 +640,7 @@ def _writers_table(results: dict[str, Any]) -> list[str]:
 
 def _pool_summary(pool: dict[str, Any]) -> list[str]:
     """results.md's section on the pool regime: its claim-2 check (details in results_pool.md)."""
-    runs = _by_method(pool["runs"])
+    runs, source = _by_method(pool["runs"]), pool.get("source")
     rewards = "; ".join(f"{METHOD_LABELS[m]} {mean_std([r['reward_sampled'] for r in runs[m]])}" for m in runs)
     return [
         "## Claim 2 with responses written by other models",
@@ -604,7 +651,9 @@ def _pool_summary(pool: dict[str, Any]) -> list[str]:
         f"(training data and held-out probes) written by a pool of {len(pool['preset']['pool_p_correct'])} other SFT "
         "models of different quality, one response each; wall time "
         f"{pool['wall_s'] / 60:.1f} min, command `{pool.get('command', '')}`. Held-out sampled reward: {rewards}. "
-        "This section is rendered from that run's results.json by `--pool-json` (see scripts/reproduce_results.py).",
+        "This section is rendered from "
+        + (f"`{source}`" if source else "that run's results.json")
+        + " by `--pool-json` (see scripts/reproduce_results.py).",
         "",
         *claim2_lines(runs),
         *_likelihood_at_equal_hparams(pool, table=False),
@@ -657,7 +706,7 @@ def main(
     docs_dir = Path(args.docs_dir or default_docs_dir or args.output_dir)
     command = prog + (" " + shlex.join(argv) if argv else "")
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = {**json.loads(Path(args.from_json).read_text()), "source": args.from_json}
     else:
         with demo_runtime(args.threads):
             results = run_comparison(
@@ -675,7 +724,9 @@ def main(
         results["command"] = command
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
     pool = results.get("regime", "self") == "pool"
-    pool_results = json.loads(Path(args.pool_json).read_text()) if args.pool_json and not pool else None
+    pool_results = None
+    if args.pool_json and not pool:
+        pool_results = {**json.loads(Path(args.pool_json).read_text()), "source": args.pool_json}
     name, img_dir = ("results_pool.md", docs_dir / "img" / "pool") if pool else ("results.md", docs_dir / "img")
     out = write_results_md(results, docs_dir / name, img_dir, results.get("command", command), pool_results)
     print(f"\nwrote {out} and figures in {img_dir} ({results['wall_s'] / 60:.1f} min)")

@@ -1,5 +1,5 @@
 """The demo pipeline, one function per stage: tokenizer and model in code, SFT warm start, K-response reward data,
-alignment (NCA, InfoNCA or TRL's DPO), evaluation against the ground-truth reward.
+alignment (NCA, InfoNCA, the listwise Plackett-Luce / LiPO-λ or TRL's DPO), evaluation against the ground-truth reward.
 
 Every stage is deterministic under its seed (CPU, fixed batch sizes) and reuses TRL and trl-nca's library modules:
 `trl.SFTTrainer` for the warm start, `trl_nca.reward_data.build_reward_dataset` (the `trl-nca generate` machinery) for
@@ -35,14 +35,18 @@ from trl_nca.demo.task import (
 )
 
 K = 4  # responses sampled per prompt
-METHODS = ("nca", "infonca", "dpo", "dpo_all")
+METHODS = ("nca", "infonca", "dpo", "dpo_all", "plackett_luce", "lipo_lambda")
 METHOD_LABELS = {
     "sft": "SFT only",
     "nca": "NCA",
     "infonca": "InfoNCA",
     "dpo": "DPO (best vs worst)",
     "dpo_all": "DPO (best vs each other)",
+    "plackett_luce": "Plackett-Luce DPO",
+    "lipo_lambda": "LiPO-λ",
 }
+# Trained by `trl_nca.ListwiseTrainer` with loss_type [method] on all K responses (the others' baselines, issue #20).
+LISTWISE_METHODS = ("plackett_luce", "lipo_lambda")
 REGIMES = ("self", "pool")
 # The "pool" regime's response writers: SFT models trained like the policy on demonstrators of these accuracies.
 POOL_P_CORRECT = (0.1, 0.4, 0.7, 0.95)
@@ -132,6 +136,8 @@ DEFAULT_HPARAMS: dict[str, dict[str, AlignHParams]] = {
         "infonca": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
         "dpo": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
         "dpo_all": AlignHParams(learning_rate=1e-3, beta=2.0, alpha=0.1),
+        "plackett_luce": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
+        "lipo_lambda": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
     },
 }
 
@@ -447,7 +453,9 @@ def align(
 
     - ``nca`` / ``infonca``: `trl_nca.NCATrainer` / `InfoNCATrainer` on all K responses per prompt;
     - ``dpo``: `trl.DPOTrainer` (sigmoid loss) on the best-vs-worst pair of each prompt;
-    - ``dpo_all``: `trl.DPOTrainer` on the best response against each strictly worse one.
+    - ``dpo_all``: `trl.DPOTrainer` on the best response against each strictly worse one;
+    - ``plackett_luce`` / ``lipo_lambda``: `trl_nca.ListwiseTrainer` with that loss_type on all K responses (LiPO-λ's
+      labels are the rewards as given: the demo's lie in [0, 1]).
 
     Budget, identical for all methods: `preset.align_steps` optimizer steps, each on the data of `preset.align_batch`
     prompts (``dpo_all`` gets (K-1)x as many pairs per step, i.e. the same prompts' worth), cosine schedule with 10%
@@ -489,11 +497,14 @@ def align(
         args = DPOConfig(**common, per_device_train_batch_size=batch, loss_type=["sigmoid"])
         trainer_cls = DPOTrainer
     else:
-        from trl_nca import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
+        from trl_nca import InfoNCAConfig, InfoNCATrainer, ListwiseConfig, ListwiseTrainer, NCAConfig, NCATrainer
 
         rows = list(train_rows)
-        config_cls, trainer_cls = (NCAConfig, NCATrainer) if method == "nca" else (InfoNCAConfig, InfoNCATrainer)
-        args = config_cls(**common, per_device_train_batch_size=preset.align_batch, alpha=hparams.alpha)
+        kway = {"nca": (NCAConfig, NCATrainer), "infonca": (InfoNCAConfig, InfoNCATrainer)}
+        config_cls, trainer_cls = kway.get(method, (ListwiseConfig, ListwiseTrainer))
+        # listwise: lipo_label_normalization stays "none", the demo's rewards lie in [0, 1]
+        own = {"loss_type": [method]} if method in LISTWISE_METHODS else {"alpha": hparams.alpha}
+        args = config_cls(**common, per_device_train_batch_size=preset.align_batch, **own)
     start = time.perf_counter()
     trainer = trainer_cls(
         model=model,

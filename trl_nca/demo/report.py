@@ -95,7 +95,7 @@ def plot_final_metrics(summary: dict[str, dict[str, list[float]]], path: str | P
     """Bars (mean, with every seed as a dot) of the final sampled reward and of the best-response log-likelihood
     change, per method. `summary[method][metric]` is the list of per-seed values."""
     methods = list(summary)
-    fig, axes = _figure(2, width=5.2, height=3.6)
+    fig, axes = _figure(2, width=max(5.2, 0.95 * len(methods)), height=3.6)  # room for each method's label
     for ax, (key, label) in zip(
         axes,
         [("reward_sampled", "held-out reward (sampled, T=1)"), ("best_logp_change", "Δ log π(best) vs SFT (nats)")],
@@ -124,6 +124,7 @@ def plot_grid_likelihood(
     betas = sorted({r["hparams"]["beta"] for r in tuning if r["method"] in methods})
     fig, axes = _figure(len(betas), width=3.6, height=3.3)
     colors = {"nca": "#1b7837", "infonca": "#5aae61", "dpo": "#c2a5cf", "dpo_all": "#762a83"}
+    colors.update(plackett_luce="#e08214", lipo_lambda="#8c510a")
     for ax, beta in zip(axes, betas):
         for m in methods:
             points = sorted(

@@ -1,13 +1,14 @@
 """`trl-nca demo`: the whole alignment pipeline on a CPU in a few minutes, offline.
 
-    trl-nca demo [--output-dir DIR] [--trainer nca|infonca|dpo|dpo_all] [--seed N] [--size tiny|small]
+    trl-nca demo [--output-dir DIR] [--trainer TRAINER] [--seed N] [--size tiny|small]
     trl-nca demo --compare [--output-dir DIR]     # the reproduction (see scripts/reproduce_results.py)
 
 Stages: tokenizer + Mistral-architecture model built in code → SFT warm start (`trl.SFTTrainer`) on imperfect
 demonstrations of digit sorting → K=4 samples per training prompt scored by the ground-truth reward (DIR/reward_data)
-→ alignment (`NCATrainer` by default, `InfoNCATrainer`, or `trl.DPOTrainer` on best-vs-worst pairs) → held-out
-evaluation before/after. Writes DIR/TRAINER/metrics.json, report.md and likelihood.png (one folder per trainer, so
-runs of other trainers in the same DIR, which reuse its cached SFT model and reward data, never overwrite them).
+→ alignment (TRAINER: `NCATrainer` by default, `InfoNCATrainer`, `trl.DPOTrainer` on best-vs-worst pairs or
+`ListwiseTrainer`'s Plackett-Luce / LiPO-λ; see `TRAINER_CHOICES`) → held-out evaluation before/after. Writes
+DIR/TRAINER/metrics.json, report.md and likelihood.png (one folder per trainer, so runs of other trainers in the same
+DIR, which reuse its cached SFT model and reward data, never overwrite them).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-TRAINER_CHOICES = ("nca", "infonca", "dpo", "dpo_all")
+TRAINER_CHOICES = ("nca", "infonca", "dpo", "dpo_all", "plackett_luce", "lipo_lambda")
 
 
 _DEMO_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--trainer",
         choices=TRAINER_CHOICES,
         default="nca",
-        help="nca (default), infonca, dpo (trl.DPOTrainer on best-vs-worst pairs) or dpo_all (best vs each other)",
+        help="nca (default), infonca, dpo (trl.DPOTrainer on best-vs-worst pairs), dpo_all (best vs each other), "
+        "plackett_luce or lipo_lambda (trl_nca.ListwiseTrainer on all K responses)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("tiny", "small"), default="small", help="tiny: seconds, for tests")
