@@ -777,8 +777,8 @@ class NCATrainer(_KWayRewardTrainer):
     `−Σ_i w_i log σ(ρ_i) − (1/K) Σ_i log σ(−ρ_i)`. Unlike DPO/InfoNCA it optimises each response's absolute
     likelihood ratio rather than only their differences. The paper reports that this keeps the likelihood of the best
     responses from falling; in our reproduction (docs/results.md) NCA lowers it less than DPO and InfoNCA, not never:
-    across a learning-rate × β grid it lowered it at 7 of 20 points (worst −0.66 nats) against 8 to 13 of 20 for the
-    others (worst −3.4 to −5.6 nats).
+    across a learning-rate × β grid it lowered it at 6 of 20 points (worst −0.98 nats) against 7 to 11 of 20 for the
+    five other methods (worst −3.55 to −13.27 nats).
 
     Datasets: reward rows (`prompt`, `completions`, `rewards`; K may vary per row) or preference rows (`prompt`/
     `chosen`/`rejected`, or implicit prompt), standard text or conversational. On preference data the loss equals
