@@ -20,25 +20,21 @@ _DPO_ONLY_OPTIONS = {
 }
 
 
-#: Loss name -> the config that trains with it (for the error naming the right config).
+#: Loss name -> (what it is called in the error, the config that trains with it).
 _LOSS_CONFIGS = {
-    "nca": "NCAConfig",
-    "nca_pair": "NCAConfig",
-    "infonca": "InfoNCAConfig",
-    "plackett_luce": "ListwiseConfig",
-    "lipo_lambda": "ListwiseConfig",
-    "all_pairs": "ListwiseConfig",
+    "nca": ("NCA", "NCAConfig"),
+    "nca_pair": ("NCA", "NCAConfig"),
+    "infonca": ("InfoNCA", "InfoNCAConfig"),
+    "plackett_luce": ("the listwise losses", "ListwiseConfig"),
+    "lipo_lambda": ("the listwise losses", "ListwiseConfig"),
+    "all_pairs": ("the listwise losses", "ListwiseConfig"),
 }
 
 
 def _config_hint(loss_types: list[str]) -> str:
     """`'; for NCA use NCAConfig'`-style hints for the K-way losses among `loss_types`."""
     hints = dict.fromkeys(_LOSS_CONFIGS[name] for name in loss_types if name in _LOSS_CONFIGS)
-    return "".join(f"; for {name} use {config}" for config in hints for name in [_config_subject(config)])
-
-
-def _config_subject(config: str) -> str:
-    return {"NCAConfig": "NCA", "InfoNCAConfig": "InfoNCA", "ListwiseConfig": "the listwise losses"}[config]
+    return "".join(f"; for {subject} use {config}" for subject, config in hints)
 
 
 @dataclass

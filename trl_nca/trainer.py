@@ -846,19 +846,40 @@ _DPO_PAPER = {
     "id": "2305.18290",
     "citation": _DPO_CITATION,
 }
-#: Listwise loss -> (its paper for the model card, its tag on the Hub).
-_LISTWISE_PAPERS = {
-    "plackett_luce": (_DPO_PAPER, "plackett-luce"),
-    "lipo_lambda": (
-        {"title": "LiPO: Listwise Preference Optimization through Learning-to-Rank", "id": "2402.01878"}
-        | {"citation": _LIPO_CITATION},
-        "lipo",
-    ),
-    "all_pairs": (_DPO_PAPER, "all-pairs-dpo"),
+_LIPO_PAPER = {
+    "title": "LiPO: Listwise Preference Optimization through Learning-to-Rank",
+    "id": "2402.01878",
+    "citation": _LIPO_CITATION,
 }
 
 
-_LISTWISE_NAMES = {"plackett_luce": "Plackett-Luce DPO", "lipo_lambda": "LiPO-λ", "all_pairs": "All-pairs DPO"}
+@dataclasses.dataclass(frozen=True)
+class _ListwiseLoss:
+    """One listwise loss: its function, the `ListwiseConfig` fields it reads (its keyword -> the field), its name in
+    progress bars and the card, its Hub tag and its paper."""
+
+    fn: Callable[..., torch.Tensor]
+    options: dict[str, str]
+    name: str
+    tag: str
+    paper: dict[str, str]
+
+
+_LISTWISE_LOSSES = {
+    "plackett_luce": _ListwiseLoss(
+        losses.plackett_luce_loss, {"top_m": "plackett_luce_top_m"}, "Plackett-Luce DPO", "plackett-luce", _DPO_PAPER
+    ),
+    "lipo_lambda": _ListwiseLoss(
+        losses.lipo_lambda_loss, {"label_normalization": "lipo_label_normalization"}, "LiPO-λ", "lipo", _LIPO_PAPER
+    ),
+    "all_pairs": _ListwiseLoss(
+        losses.all_pairs_dpo_loss,
+        {"reduction": "all_pairs_reduction", "gap_weighted": "all_pairs_gap_weighted"},
+        "All-pairs DPO",
+        "all-pairs-dpo",
+        _DPO_PAPER,
+    ),
+}
 
 
 class ListwiseTrainer(_KWayRewardTrainer):
@@ -893,49 +914,29 @@ class ListwiseTrainer(_KWayRewardTrainer):
     _config_class = ListwiseConfig
 
     @property
-    def _listwise_losses(self) -> list[str]:
+    def _listwise_losses(self) -> list[_ListwiseLoss]:
         args = getattr(self, "args", None)  # None while the default config is built
-        return [name for name in (args.loss_type if args is not None else ()) if name in _LISTWISE_PAPERS]
+        return [_LISTWISE_LOSSES[name] for name in (args.loss_type if args is not None else ()) if name != "sft"]
 
     @property
     def _name(self) -> str:
         """The objective's name (progress bars, model card): e.g. "Plackett-Luce DPO", or "Listwise" before `args`."""
-        return " + ".join(_LISTWISE_NAMES[name] for name in self._listwise_losses) or "Listwise"
+        return " + ".join(loss.name for loss in self._listwise_losses) or "Listwise"
 
     @property
     def _tag_names(self) -> list[str]:
-        return ["trl", "listwise", *(_LISTWISE_PAPERS[name][1] for name in self._listwise_losses)]
+        return ["trl", "listwise", *(loss.tag for loss in self._listwise_losses)]
 
     @property
     def _paper(self) -> dict[str, str]:
         """The first listwise loss's paper, citing the papers of every listwise loss used (TRL's card takes one)."""
-        papers = list({id(paper): paper for paper, _ in map(_LISTWISE_PAPERS.get, self._listwise_losses)}.values())
+        papers = list({id(loss.paper): loss.paper for loss in self._listwise_losses}.values())
         return dict(papers[0], citation="\n\n".join(paper["citation"] for paper in papers))
 
     def _per_prompt_loss(self, loss_type, policy_logps, ref_logps, rewards, mask, alpha) -> torch.Tensor:
-        args = self.args
-        if loss_type == "plackett_luce":
-            return losses.plackett_luce_loss(
-                policy_logps, ref_logps, rewards, beta=self.beta, mask=mask, top_m=args.plackett_luce_top_m
-            )
-        if loss_type == "lipo_lambda":
-            return losses.lipo_lambda_loss(
-                policy_logps,
-                ref_logps,
-                rewards,
-                beta=self.beta,
-                mask=mask,
-                label_normalization=args.lipo_label_normalization,
-            )
-        return losses.all_pairs_dpo_loss(
-            policy_logps,
-            ref_logps,
-            rewards,
-            beta=self.beta,
-            mask=mask,
-            reduction=args.all_pairs_reduction,
-            gap_weighted=args.all_pairs_gap_weighted,
-        )
+        loss = _LISTWISE_LOSSES[loss_type]
+        options = {keyword: getattr(self.args, field) for keyword, field in loss.options.items()}
+        return loss.fn(policy_logps, ref_logps, rewards, beta=self.beta, mask=mask, **options)
 
     def _card_loss_lines(self) -> list[str]:
         args = self.args
