@@ -53,7 +53,10 @@ class SamplingOptions:
 @dataclass
 class Sample:
     """One sampled completion: as text (standard prompt) or an assistant message list (conversational prompt), its
-    token ids (cut at the stop token, which is not included) and whether it stopped before `max_new_tokens`."""
+    token ids and whether it stopped before `max_new_tokens`.
+
+    `completion_ids` end with the stop token when the completion stopped (as GRPOTrainer passes them to reward
+    functions: its completion mask keeps the first EOS), and the text is decoded without it."""
 
     completion: str | list[dict[str, Any]]
     completion_ids: list[int]
@@ -122,11 +125,12 @@ def encode_prompts(
 def decode_sample(
     tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stop_ids: Sequence[int], conversational: bool
 ) -> Sample:
-    """Cut generated ids at the first stop token (or padding after it) and decode them without special tokens."""
+    """Cut generated ids after the first stop token (dropping the padding after it) and decode them, without the stop
+    token and without special tokens."""
     stops = set(stop_ids)
     cut = next((i for i, token in enumerate(token_ids) if token in stops), None)
-    ids = list(token_ids[:cut]) if cut is not None else list(token_ids)
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    ids = list(token_ids[: cut + 1]) if cut is not None else list(token_ids)
+    text = tokenizer.decode(ids[:cut] if cut is not None else ids, skip_special_tokens=True)
     completion: str | list[dict[str, Any]] = [{"role": "assistant", "content": text}] if conversational else text
     return Sample(completion=completion, completion_ids=ids, finished=cut is not None)
 
@@ -290,15 +294,21 @@ class VLLMSampler(Sampler):
         options = self.options
         sampling = options.do_sample and options.temperature >= _VLLM_GREEDY_BELOW
         copies = 1 if sampling else num_samples  # greedy: the num_samples completions are one and the same
-        params = self.vllm.SamplingParams(
-            n=num_samples // copies,
-            temperature=options.temperature if sampling else 0.0,
-            top_p=options.top_p if sampling else 1.0,
-            top_k=options.top_k if sampling and options.top_k > 0 else -1,
-            max_tokens=options.max_new_tokens,
-            stop_token_ids=self.stop_ids,
-            seed=seed % (2**31),
-        )
+        # A seed per prompt, as the server backend sends (vLLM seeds a prompt's n samples with seed, seed + 1, ...):
+        # one seed for the whole chunk would make its prompts draw the same random numbers, and copies of a prompt
+        # in one chunk the same K samples.
+        params = [
+            self.vllm.SamplingParams(
+                n=num_samples // copies,
+                temperature=options.temperature if sampling else 0.0,
+                top_p=options.top_p if sampling else 1.0,
+                top_k=options.top_k if sampling and options.top_k > 0 else -1,
+                max_tokens=options.max_new_tokens,
+                stop_token_ids=self.stop_ids,
+                seed=keyed_seed(seed, index) % (2**31),
+            )
+            for index in range(len(encoded))
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         return [
             [
