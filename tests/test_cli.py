@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,38 @@ def test_training_script_user_errors_are_one_line_exit_2(capsys, assets, tmp_pat
     for flags, message in cases:
         assert script_run([*base, *flags]) == 2, flags
         assert re.search(message, _one_error_line(capsys)), flags
+
+
+def test_a_generate_output_folder_as_dataset_name_is_one_line(capsys, assets, tmp_path):
+    """`--dataset_name OUTPUT` (the `trl-nca generate` output root, written here by generate's own writers) instead of
+    `OUTPUT/dataset`: one line naming the folder to train on, not a traceback from reading its JSON files."""
+    from recipe_data import make_dataset
+
+    from trl_nca.config import RewardDataConfig
+    from trl_nca.reward_data import check_resumable, write_outputs
+
+    out = tmp_path / "reward-data"
+    config = RewardDataConfig(output_dir=str(out), model_name_or_path=["policy"], reward_funcs=["rm"])
+    check_resumable(config, out, {"prompts_sha256": "0", "samples_format": 2})
+    rows = make_dataset("reward", n_train=4, n_test=1)["train"]
+    counts = dict.fromkeys(("sampled", "empty", "duplicates", "unscored", "truncated"), 0)
+    stats = {
+        "prompts": 4,
+        "prompts_kept": 4,
+        "prompts_too_few": 0,
+        **{f"completions_{k}": v for k, v in counts.items()},
+    }
+    write_outputs(rows, stats, config, ["policy"], [("rm", "rm", 1.0)], out)
+    (out / "chunks" / "samples-0").mkdir(parents=True)
+    (out / "chunks" / "samples-0" / "chunk-000000.json").write_text("[]")
+    base = [str(TINY / "nca_reward.yaml"), "--model_name_or_path", assets["model"], "--output_dir", str(tmp_path)]
+    assert script_run([*base, "--dataset_name", str(out)]) == 2
+    assert _one_error_line(capsys) == (
+        f"trl-nca train: error: dataset_name: {out} is a `trl-nca generate` output folder; train on {out}/dataset"
+    )
+    shutil.rmtree(out / "dataset")  # a run that did not finish, or kept no prompt
+    assert script_run([*base, "--dataset_name", str(out)]) == 2
+    assert f"{out} is a `trl-nca generate` output folder without {out}/dataset" in _one_error_line(capsys)
 
 
 def test_a_corrupt_checkpoint_stops_the_script_before_any_model_load(

@@ -1,5 +1,6 @@
 """`trl-nca generate`: sampling, scoring, assembly, resumption and multi-process runs, against independent oracles."""
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,14 @@ from conftest import cpu_args
 from datasets import Dataset, load_from_disk
 
 from trl_nca import NCAConfig, NCATrainer, RewardDataConfig, build_reward_dataset
-from trl_nca.generation import SamplingOptions, TransformersSampler, VLLMSampler, generate_completions, keyed_seed
+from trl_nca.generation import (
+    SamplingOptions,
+    TransformersSampler,
+    VLLMSampler,
+    decode_sample,
+    generate_completions,
+    keyed_seed,
+)
 from trl_nca.reward_data import ResumeError
 from trl_nca.scoring import RewardFunctionError, RewardModel, call_source, combine_scores, load_reward_function
 from trl_nca.tiny import build_tiny_model, build_tiny_reward_model
@@ -119,13 +127,17 @@ def test_sampling_is_deterministic_per_seed_and_key(tiny_model_dir, tokenizer):
     first = texts(0, "a")
     assert first == texts(0, "a")  # same seed and key: same completions, whatever ran in between
     assert first != texts(1, "a") and first != texts(0, "b")
-    # Every completion is an assistant message, cut at a stop token and decoded from its ids.
-    for row in sampler.sample(prompts, 3, 0, key="a"):
-        for sample in row:
-            assert sample.completion[0]["role"] == "assistant"
-            assert len(sample.completion_ids) <= 10
-            assert not set(sample.completion_ids) & set(sampler.stop_ids)
-            assert tokenizer.decode(sample.completion_ids, skip_special_tokens=True) == sample.completion[0]["content"]
+    # Every completion is an assistant message, cut after its stop token (kept in the ids, as GRPOTrainer keeps the
+    # first EOS) and decoded from its ids without it.
+    stops = set(sampler.stop_ids)
+    samples = [sample for row in sampler.sample(prompts, 3, 0, key="a") for sample in row]
+    for sample in samples:
+        ids = sample.completion_ids
+        assert sample.completion[0]["role"] == "assistant"
+        assert len(ids) <= 10
+        assert sample.finished == (ids[-1] in stops) and not set(ids[:-1]) & stops
+        text_ids = ids[:-1] if sample.finished else ids
+        assert tokenizer.decode(text_ids, skip_special_tokens=True) == sample.completion[0]["content"]
     # generate_completions is the same chunked schedule: chunk 0 of a single model is key model0/chunk0.
     via_helper = generate_completions(
         model,
@@ -154,6 +166,29 @@ def test_standard_prompts_sample_text_completions(tiny_model_dir, tokenizer):
     greedy = TransformersSampler(model, tokenizer, SamplingOptions(max_new_tokens=6, do_sample=False))
     first, second = greedy.sample(["The sky is"], 2, seed=0)[0]
     assert first.completion_ids == second.completion_ids  # greedy: identical
+
+
+def test_completion_ids_keep_the_stop_token_as_grpo_does(tokenizer):
+    """GRPOTrainer (TRL 1.16, grpo_trainer.py `_generate_and_score_completions`) masks a completion after its first
+    EOS, keeping the EOS: reward functions see it in `completion_ids`, so DAPO's length penalty counts it."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    word = tokenizer(" four", add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id
+    stopped = decode_sample(tokenizer, word * 3 + [end, pad, pad], [end], conversational=False)
+    cut = decode_sample(tokenizer, word * 4, [end], conversational=False)
+    assert stopped.completion_ids == word * 3 + [end] and stopped.finished
+    assert stopped.completion == " four four four"  # the text has no stop token
+    assert cut.completion_ids == word * 4 and not cut.finished
+    # GRPO's rule written out: everything up to and including the first stop token.
+    generated = word * 3 + [end, pad, pad]
+    grpo_ids = generated[: generated.index(end) + 1]
+    assert stopped.completion_ids == grpo_ids
+    n = len(grpo_ids)
+    penalty = get_soft_overlong_punishment(max_completion_len=n, soft_punish_cache=1)
+    assert penalty(completion_ids=[stopped.completion_ids]) == penalty(completion_ids=[grpo_ids])
+    assert penalty(completion_ids=[stopped.completion_ids[:-1]]) != penalty(completion_ids=[grpo_ids])
 
 
 # vLLM 0.32.0's rule, vllm/sampling_params.py: below `_SAMPLING_EPS` the temperature means greedy sampling, and
@@ -198,8 +233,15 @@ def fake_vllm(monkeypatch, tokenizer, calls: dict, shutdown_error: Exception | N
             ids = tokenizer(" four", add_special_tokens=False)["input_ids"]
             cat = tokenizer(" cat", add_special_tokens=False)["input_ids"]
             stop = tokenizer.convert_tokens_to_ids("<|end|>")
-            outputs = [types.SimpleNamespace(token_ids=ids + cat * j + [stop, 7, 7]) for j in range(params.n)]
-            return [types.SimpleNamespace(outputs=outputs) for _ in prompts]
+            # vLLM takes one SamplingParams for every prompt, or a list of one per prompt.
+            per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+            assert len(per_prompt) == len(prompts)
+            return [
+                types.SimpleNamespace(
+                    outputs=[types.SimpleNamespace(token_ids=ids + cat * j + [stop, 7, 7]) for j in range(p.n)]
+                )
+                for p in per_prompt
+            ]
 
     def destroy_model_parallel():
         calls["destroyed"].append("model_parallel")
@@ -233,10 +275,14 @@ def test_vllm_backend_passes_the_sampling_options_and_decodes_like_transformers(
     sampler = VLLMSampler(tiny_model_dir, tokenizer, options, dtype="float32")
     prompts = [row["prompt"] for row in _conversational(2)]
     rows = sampler.sample(prompts, 3, seed=5, key="k")
-    params = calls["params"]
-    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (3, 0.7, 0.9, -1, 12)
-    assert params.seed == keyed_seed(5, "k") % 2**31
-    assert set(params.stop_token_ids) == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
+    # One SamplingParams per prompt: the same options, a seed of its own (the server backend's rule), so prompts of a
+    # chunk do not share their random numbers.
+    first, second = calls["params"]
+    for index, params in enumerate((first, second)):
+        assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (3, 0.7, 0.9, -1, 12)
+        assert params.seed == keyed_seed(keyed_seed(5, "k"), index) % 2**31
+        assert set(params.stop_token_ids) == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
+    assert first.seed != second.seed
     expected_prompt = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_dict=True)[
         "input_ids"
     ]
@@ -260,9 +306,9 @@ def test_vllm_greedy_sampling_returns_k_copies_of_one_completion(monkeypatch, ti
     fake_vllm(monkeypatch, tokenizer, calls)
     sampler = VLLMSampler(tiny_model_dir, tokenizer, options, dtype="float32")
     rows = sampler.sample([row["prompt"] for row in _conversational(2)], 4, seed=0)
-    params = calls["params"]
-    assert (params.n, params.temperature, params.max_tokens) == (1, 0.0, 12)
-    four = tokenizer(" four", add_special_tokens=False)["input_ids"]
+    for params in calls["params"]:
+        assert (params.n, params.temperature, params.max_tokens) == (1, 0.0, 12)
+    four = tokenizer(" four", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|end|>")]
     assert [[s.completion_ids for s in row] for row in rows] == [[four] * 4] * 2
     assert all(s.finished and s.completion[0]["content"] == " four" for row in rows for s in row)
     assert len({id(s) for row in rows for s in row}) == 8  # copies, not one shared (mutable) Sample
@@ -503,6 +549,34 @@ def test_pool_rows_scores_weights_and_card(tmp_path, pool_dirs, rewards_py):
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["prompts_kept"] == len(dataset)
 
 
+def test_rates_leave_out_the_time_spent_loading_and_closing_the_model(tmp_path, pool_dirs, rewards_py, monkeypatch):
+    """An engine's start-up and shutdown (vLLM: tens of seconds and several) are not sampling: `stats.json` records
+    them under `setup`, and the summary's rates divide by the stage's time without them."""
+    from trl_nca import reward_data
+    from trl_nca.scripts.generate import summary
+
+    load_sampler = reward_data.load_sampler
+
+    def slow_load(*args, **kwargs):
+        time.sleep(0.3)
+        sampler = load_sampler(*args, **kwargs)
+        close = sampler.close
+        sampler.close = lambda: (time.sleep(0.2), close())
+        return sampler
+
+    monkeypatch.setattr(reward_data, "load_sampler", slow_load)
+    config = _config(tmp_path, pool_dirs, reward_funcs=[f"{rewards_py}:length_reward"])
+    _, stats = build_reward_dataset(config, Dataset.from_list(_conversational(4)), show_progress=False)
+    timings, setup = stats["timings"], stats["setup"]
+    assert set(setup) == set(timings) == {"sampling/policy_a_s", "scoring/length_reward_s"}
+    assert 0.5 <= setup["sampling/policy_a_s"] < timings["sampling/policy_a_s"]
+    assert setup["scoring/length_reward_s"] < 0.3
+    rate = stats["completions_sampled"] / (timings["sampling/policy_a_s"] - setup["sampling/policy_a_s"])
+    text = summary(stats, config.output_dir)
+    assert f"sampling {rate:.1f} completions/s" in text
+    assert f"({setup['sampling/policy_a_s']:.1f} s loading and closing)" in text
+
+
 def test_duplicates_empty_and_unscored_completions_are_dropped_and_counted(tmp_path):
     """Committed samples written by hand (the sampling stage then has nothing to do): the assembly's rules."""
     from trl_nca.reward_data import ChunkStore
@@ -580,19 +654,329 @@ def test_a_different_configuration_is_not_resumed(tmp_path, pool_dirs):
         _config(tmp_path, pool_dirs, temperature=0.5, overwrite=True), prompts, reward_funcs=score, show_progress=False
     )
     assert stats["chunks_computed"]["sampling/policy_a"] == 1  # started over
-
-    def other_score(prompts, completions, **kwargs):
-        return [0.0] * len(completions)
-
-    # Sources passed as callables are part of the recorded configuration too (by name).
-    with pytest.raises(ResumeError, match=r"`reward_sources`: \['<lambda>'\] there, \['other_score'\] now"):
-        build_reward_dataset(_config(tmp_path, pool_dirs, temperature=0.5), prompts, reward_funcs=[other_score])
     with pytest.raises(ResumeError, match="`prompts_sha256`"):  # other prompts, same settings
         build_reward_dataset(
             _config(tmp_path, pool_dirs, temperature=0.5), Dataset.from_list(_conversational(4)), reward_funcs=score
         )
     with pytest.raises(ValueError, match="`reward_funcs` is required"):
         build_reward_dataset(_config(tmp_path, pool_dirs, reward_funcs=[]), prompts)
+
+
+def _texts(dataset) -> list[list[str]]:
+    return [[c[0]["content"] for c in row] for row in dataset["completions"]]
+
+
+def test_changing_only_the_reward_sources_keeps_the_committed_samples(tmp_path, pool_dirs, rewards_py):
+    """Per-stage resumption: the samples are keyed by the sampling settings, each source's scores by the source. A
+    re-run with other sources samples nothing, keeps the scores of the unchanged sources, and yields the rows of a
+    fresh run with the new sources; an edited reward-function file is scored again."""
+    prompts = Dataset.from_list(_conversational(5))
+    own = tmp_path / "own_rewards.py"
+    own.write_text("def digits(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
+
+    def run(name, funcs, **overrides):
+        config = _config(tmp_path, pool_dirs, output_dir=str(tmp_path / name), reward_funcs=funcs, **overrides)
+        return build_reward_dataset(config, prompts, show_progress=False)
+
+    first_funcs = [pool_dirs["rm"], f"{rewards_py}:length_reward"]
+    first, stats = run("out", first_funcs)
+    assert stats["n_chunks"] == 2 and stats["chunks_computed"]["sampling/policy_a"] == 2
+    chunks = tmp_path / "out" / "chunks"
+    before = {p.name for p in chunks.glob("scores-*")}
+    assert len(before) == 2
+
+    new_funcs = [pool_dirs["rm"], f"{rewards_py}:answer_reward", f"{own}:digits"]
+    second, stats = run("out", new_funcs)  # no --overwrite needed
+    assert stats["chunks_computed"] == {
+        "sampling/policy_a": 0,
+        "scoring/rm": 0,  # unchanged source: its committed scores are kept
+        "scoring/answer_reward": 2,
+        "scoring/digits": 2,
+    }
+    after = {p.name for p in chunks.glob("scores-*")}
+    assert len(after) == 3 and len(after & before) == 1  # rm's scores kept, the dropped source's removed
+    assert not list(chunks.glob("scores-length_reward-*"))
+    assert _texts(second) == _texts(first) and second["rewards_rm"] == first["rewards_rm"]
+    fresh, _ = run("fresh", new_funcs)  # the oracle: the same settings from scratch
+    assert second.to_list() == fresh.to_list()
+    recorded = json.loads((tmp_path / "out" / "generate_config.json").read_text())
+    assert [s["name"] for s in recorded["reward_sources"]] == ["rm", "answer_reward", "digits"]
+
+    # An edited reward-function file is a new source: scored again, the others kept.
+    own.write_text("def digits(prompts, completions, **kwargs):\n    return [2.0] * len(completions)\n")
+    third, stats = run("out", new_funcs)
+    assert stats["chunks_computed"]["scoring/digits"] == 2 and stats["chunks_computed"]["scoring/answer_reward"] == 0
+    assert all(set(row) == {2.0} for row in third["rewards_digits"]) and _texts(third) == _texts(first)
+    # `deduplicate` decides which completions are scored: every source is scored again, nothing is sampled.
+    _, stats = run("out", new_funcs, deduplicate=False)
+    assert stats["chunks_computed"]["sampling/policy_a"] == 0 and stats["chunks_computed"]["scoring/rm"] == 2
+
+
+def test_samples_of_an_older_trl_nca_are_not_resumed(tmp_path, pool_dirs):
+    """Chunks recorded without `samples_format` hold `completion_ids` without the stop token: refused in one line,
+    sampled again with --overwrite true."""
+    prompts = Dataset.from_list(_conversational(3))
+    score = [lambda prompts, completions, **kw: [1.0] * len(completions)]
+    build_reward_dataset(_config(tmp_path, pool_dirs), prompts, reward_funcs=score, show_progress=False)
+    state = tmp_path / "out" / "generate_config.json"
+    recorded = json.loads(state.read_text())
+    del recorded["samples_format"]
+    state.write_text(json.dumps(recorded))
+    with pytest.raises(ResumeError, match=r"written by an older trl-nca .* re-run with --overwrite true") as error:
+        build_reward_dataset(_config(tmp_path, pool_dirs), prompts, reward_funcs=score, show_progress=False)
+    assert "\n" not in str(error.value)
+    _, stats = build_reward_dataset(
+        _config(tmp_path, pool_dirs, overwrite=True), prompts, reward_funcs=score, show_progress=False
+    )
+    assert stats["chunks_computed"]["sampling/policy_a"] == 1
+    assert json.loads(state.read_text())["samples_format"] == 2
+
+
+def test_the_state_file_is_written_atomically_and_leftover_temporary_chunks_are_removed(
+    tmp_path, pool_dirs, monkeypatch
+):
+    import trl_nca.reward_data as reward_data
+
+    prompts = Dataset.from_list(_conversational(3))
+    score = [lambda prompts, completions, **kw: [1.0] * len(completions)]
+    replaced = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        replaced.append((Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(reward_data.os, "replace", recording_replace)
+    build_reward_dataset(_config(tmp_path, pool_dirs), prompts, reward_funcs=score, show_progress=False)
+    assert ("generate_config.tmp" + str(os.getpid()), "generate_config.json") in replaced
+    # A killed run leaves half-written chunks behind: the next run removes them (and its result is unchanged).
+    chunks = tmp_path / "out" / "chunks"
+    leftovers = [chunks / "samples-0" / "chunk-000001.tmp4242", next(chunks.glob("scores-*")) / "chunk-000000.tmp7"]
+    for path in leftovers:
+        path.write_text('{"half": ')
+    build_reward_dataset(_config(tmp_path, pool_dirs), prompts, reward_funcs=score, show_progress=False)
+    assert not any(path.exists() for path in leftovers) and not list(chunks.glob("*/*.tmp*"))
+
+
+def _reward_model_variant(tmp_path, pool_dirs, tokenizer, name, **changes):
+    """A copy of the tiny reward model's folder with `changes`: `num_labels`, or `chat_template=None`."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    folder = tmp_path / name
+    config = AutoConfig.from_pretrained(pool_dirs["rm"])
+    config.num_labels = changes.get("num_labels", 1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    copy = tokenizer.__class__.from_pretrained(pool_dirs["rm"])
+    if "chat_template" in changes:
+        copy.chat_template = changes["chat_template"]
+    copy.save_pretrained(folder)
+    return str(folder)
+
+
+SOURCE_FILE = textwrap.dedent(
+    """
+    def no_kwargs(prompts, completions):
+        return [1.0] * len(completions)
+
+    def reads_solution(prompts, completions, **kwargs):
+        return [float(s in c[0]["content"]) for c, s in zip(completions, kwargs["solution"])]
+
+    def needs_tests(completions, tests, **kwargs):
+        return [1.0] * len(completions)
+
+    def positional_only(prompts, completions, /, **kwargs):
+        return [1.0] * len(completions)
+    """
+)
+
+# (case, reward_funcs or a maker of them, other flags, the error's text)
+SOURCE_ERRORS = [
+    ("reward-model-missing", lambda d: [d["tmp"] + "/no_such_rm"], (), "reward model `{tmp}/no_such_rm`: no such folder, and no model of that id on the Hub"),
+    ("reward-model-3-labels", lambda d: [d["rm3"]], (), "reward model `{rm3}`: expected one output label (a scalar score), found 3"),
+    ("reward-model-no-chat-template", lambda d: [d["rm_plain"]], (), "reward model `{rm_plain}`: its tokenizer cannot render a prompt and its completion"),
+    ("syntax-error", lambda d: [d["tmp"] + "/broken.py:f"], (), "reward function `{tmp}/broken.py:f`: syntax error in {tmp}/broken.py:2: '[' was never closed."),
+    ("import-error", lambda d: [d["tmp"] + "/raises.py:f"], (), "reward function `{tmp}/raises.py:f`: importing {tmp}/raises.py failed at {tmp}/raises.py:2: ZeroDivisionError"),
+    ("no-kwargs", lambda d: [d["funcs"] + ":no_kwargs"], (), "reward function `no_kwargs` ({funcs}:1) cannot take the keyword arguments `completion_ids`, `trainer_state`, `log_extra`, `log_metric`, `answer` that GRPOTrainer passes"),
+    ("positional-only", lambda d: [d["funcs"] + ":positional_only"], (), "reward function `positional_only` ({funcs}:10) takes `prompts` as a positional-only parameter"),
+    ("trl-accuracy-reward-without-solution", lambda d: ["trl.rewards:accuracy_reward"], (), "reward function `accuracy_reward` ({trl_rewards}:{accuracy_line}) needs the dataset column `solution`, which the prompts lack (columns: prompt, answer)"),
+    ("column-in-signature", lambda d: [d["funcs"] + ":needs_tests"], (), "reward function `needs_tests` ({funcs}:7) needs the dataset column `tests`"),
+    ("column-read-from-kwargs", lambda d: [d["rm"], d["funcs"] + ":reads_solution"], (), "reward function `reads_solution` ({funcs}:4) reads the dataset column `solution` (`kwargs['solution']` at {funcs}:5), which the prompts lack (columns: prompt, answer)"),
+    ("prompt-column", lambda d: [d["rm"]], ("--prompt_column", "question"), "prompt dataset: no column `question` (columns: prompt, answer); set --prompt_column."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,funcs,flags,message", SOURCE_ERRORS, ids=[c[0] for c in SOURCE_ERRORS])
+def test_reward_sources_are_checked_before_sampling(
+    case, funcs, flags, message, tmp_path, pool_dirs, rewards_py, tokenizer, capsys, monkeypatch
+):
+    """Each mistake stops the command in one line before any model is loaded for sampling."""
+    import inspect
+
+    import trl.rewards
+
+    import trl_nca.reward_data as reward_data
+    from trl_nca.scripts.generate import main
+
+    (tmp_path / "broken.py").write_text(
+        "def f(completions, **kwargs):\n    return [\n        1.0 for c in completions\n"
+    )
+    (tmp_path / "raises.py").write_text("SCALE = 1\nRATE = SCALE / 0\n")
+    (tmp_path / "funcs.py").write_text(SOURCE_FILE.lstrip("\n"))
+    names = {
+        "tmp": str(tmp_path),
+        "rm": pool_dirs["rm"],
+        "funcs": str(tmp_path / "funcs.py"),
+        "trl_rewards": inspect.getsourcefile(trl.rewards.accuracy_reward),
+        "accuracy_line": inspect.getsourcelines(trl.rewards.accuracy_reward)[1],
+    }
+    if case == "reward-model-3-labels":
+        names["rm3"] = _reward_model_variant(tmp_path, pool_dirs, tokenizer, "rm3", num_labels=3)
+    if case == "reward-model-no-chat-template":
+        names["rm_plain"] = _reward_model_variant(tmp_path, pool_dirs, tokenizer, "rm_plain", chat_template=None)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a sampling model was loaded before the reward sources were checked")
+
+    monkeypatch.setattr(reward_data, "load_sampler", no_sampling)
+    config = _write_run(tmp_path, pool_dirs, rewards_py, "run", reward_funcs=funcs(names))
+    assert main([str(config), *flags]) == 2
+    assert message.format(**names) in _one_error(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "chunks").exists()
+
+
+def test_a_column_read_guarded_by_a_membership_test_is_not_an_error(tmp_path):
+    """The placeholder call tells a failing `kwargs["x"]` read from one guarded by `"x" in kwargs`; functions that
+    read no missing column are never called before sampling."""
+    from trl_nca.scoring import check_reward_function
+
+    module = tmp_path / "guarded.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            calls = []
+
+            def guarded(completions, **kwargs):
+                calls.append(len(completions))
+                if "solution" in kwargs:
+                    return [float(s in c) for c, s in zip(completions, kwargs["solution"])]
+                return [None] * len(completions)
+
+            def plain(completions, **kwargs):
+                calls.append(len(completions))
+                return [1.0] * len(completions)
+            """
+        )
+    )
+    guarded = load_reward_function(f"{module}:guarded")
+    check_reward_function("guarded", guarded, "a prompt", {"answer": "4"})
+    assert sys.modules[guarded.__module__].calls == [1]  # called once, on the placeholder
+    plain = load_reward_function(f"{module}:plain")
+    check_reward_function("plain", plain, "a prompt", {"answer": "4"})
+    assert sys.modules[guarded.__module__].calls == [1]  # not called: nothing to find out
+    check_reward_function("guarded", guarded, "a prompt", {"solution": "4"})  # the column is there
+
+
+def _one_error(err: str) -> str:
+    """The one error line of a failed command (the progress bars of the stages that ran also go to stderr)."""
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert errors[0].startswith("trl-nca generate: error: "), errors[0]
+    return errors[0]
+
+
+def test_a_truncated_state_file_is_one_line_or_overwritten(tmp_path, pool_dirs, rewards_py, capsys):
+    from trl_nca.scripts.generate import main
+
+    config = _write_run(tmp_path, pool_dirs, rewards_py, "trunc", reward_funcs=[f"{rewards_py}:length_reward"])
+    assert main([str(config)]) == 0
+    state = tmp_path / "trunc" / "generate_config.json"
+    state.write_text(state.read_text()[:40])  # what a crash mid-write left before the writes were atomic
+    capsys.readouterr()
+    assert main([str(config)]) == 2
+    err = _one_error(capsys.readouterr().err)
+    assert f"{state} is unreadable (truncated or corrupt" in err and "--overwrite true" in err
+    assert main([str(config), "--overwrite", "true"]) == 0
+    assert json.loads(state.read_text())["samples_format"] == 2
+    assert json.loads((tmp_path / "trunc" / "stats.json").read_text())["chunks_computed"]["sampling/policy_a"] == 8
+
+
+def test_a_run_that_keeps_no_prompt_fails_in_one_line_and_writes_no_dataset(tmp_path, pool_dirs, rewards_py, capsys):
+    from trl_nca.scripts.generate import main
+
+    scores_py = tmp_path / "scores.py"
+    scores_py.write_text(
+        textwrap.dedent(
+            """
+            def no_score(prompts, completions, **kwargs):
+                return [None] * len(completions)
+
+            def all_but_first(prompts, completions, **kwargs):  # chunk_size 1: one prompt's completions per call
+                return [None] + [1.0] * (len(completions) - 1)
+            """
+        )
+    )
+    config = _write_run(tmp_path, pool_dirs, rewards_py, "none", reward_funcs=[f"{scores_py}:no_score"])
+    assert main([str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "train on it" not in captured.out
+    err = _one_error(captured.err)
+    assert not (tmp_path / "none" / "dataset").exists() and not (tmp_path / "none" / "data.jsonl").exists()
+    # The counts, from the committed samples themselves: per prompt, in pool order, empty texts and repeated texts.
+    texts: dict[int, list[str]] = {}
+    for model in (0, 1):
+        for path in sorted((tmp_path / "none" / "chunks" / f"samples-{model}").glob("chunk-*.json")):
+            for entry in json.loads(path.read_text()):
+                texts.setdefault(entry["row"], []).extend(s["completion"][0]["content"] for s in entry["samples"])
+    empty = sum(not t.strip() for row in texts.values() for t in row)
+    distinct = sum(len({t for t in row if t.strip()}) for row in texts.values())
+    duplicates = 24 - empty - distinct
+    assert sum(len(row) for row in texts.values()) == 24
+    assert err == (
+        "trl-nca generate: error: no prompt kept: all 8 prompts were left with fewer than min_completions=2 scored "
+        f"completions (24 sampled; {empty} empty, {duplicates} duplicates, {distinct} unscored removed): no reward "
+        f"source scored any completion (every score was None); nothing was written to {tmp_path / 'none'}/dataset."
+    )
+
+    # Too few left: a re-run that only raises min_completions re-assembles, keeps nothing, and removes the outputs of
+    # the run before it.
+    config = _write_run(tmp_path, pool_dirs, rewards_py, "few", reward_funcs=[f"{scores_py}:all_but_first"])
+    assert main([str(config)]) == 0 and (tmp_path / "few" / "dataset").is_dir()
+    assert max(len(row["completions"]) for row in _rows(tmp_path / "few")) == 2
+    capsys.readouterr()
+    assert main([str(config), "--min_completions", "3"]) == 2
+    err = _one_error(capsys.readouterr().err)
+    assert "all 8 prompts were left with fewer than min_completions=3 scored completions" in err
+    assert err.endswith(f"raise num_completions, lower min_completions, or set deduplicate false; nothing was "
+                        f"written to {tmp_path / 'few'}/dataset.")  # fmt: skip
+    for name in ("dataset", "data.jsonl", "stats.json", "README.md"):
+        assert not (tmp_path / "few" / name).exists(), name
+
+
+def test_num_completions_below_min_completions_is_refused(tmp_path, pool_dirs, rewards_py, capsys):
+    from trl_nca.scripts.generate import main
+
+    with pytest.raises(ValueError, match=r"every prompt would be dropped; raise num_completions, or set min_comp"):
+        RewardDataConfig(output_dir="x", model_name_or_path=["a"], reward_funcs=["f:g"], num_completions=1)
+    with pytest.raises(ValueError, match=r"`num_completions` \(3\) is below `min_completions` \(4\)"):
+        RewardDataConfig(output_dir="x", model_name_or_path=["a"], num_completions=3, min_completions=4)
+    with pytest.raises(ValueError, match=r"`min_completions` must be at least 1"):
+        RewardDataConfig(output_dir="x", model_name_or_path=["a"], min_completions=0)
+    config = _write_run(
+        tmp_path,
+        pool_dirs,
+        rewards_py,
+        "single",
+        model_name_or_path=[pool_dirs["policy_a"]],
+        reward_funcs=[f"{rewards_py}:length_reward"],
+    )
+    assert main([str(config), "--num_completions", "1"]) == 2
+    err = _one_error(capsys.readouterr().err)
+    assert "ask for single samples" in err and "need K >= 2" in err, err
+    assert not (tmp_path / "single").exists()  # refused before anything ran
+    # Asked for: one sample per prompt, and the summary says the K-way trainers refuse them.
+    assert main([str(config), "--num_completions", "1", "--min_completions", "1"]) == 0
+    assert "NCATrainer/InfoNCATrainer refuse" in capsys.readouterr().out
+    assert all(len(row["completions"]) == 1 for row in _rows(tmp_path / "single"))
 
 
 def test_config_checks():
@@ -605,6 +989,16 @@ def test_config_checks():
     assert RewardDataConfig(
         output_dir="x", model_name_or_path=["a", "b", "c"], reward_funcs=["f:g"], num_completions=8
     ).completions_per_model == [3, 3, 2]
+    base = dict(output_dir="x", model_name_or_path=["a", "b"], reward_funcs=["f:g"])
+    with pytest.raises(ValueError, match="backend `server` needs `server_base_url`"):
+        RewardDataConfig(**base, backend="server")
+    with pytest.raises(ValueError, match="`server_model_names` has 1 names for 2 models"):
+        RewardDataConfig(**base, backend="server", server_base_url="http://h:8000/v1", server_model_names=["m"])
+    with pytest.raises(ValueError, match="`server_max_concurrency` must be at least 1"):
+        RewardDataConfig(**base, backend="server", server_base_url="http://h:8000/v1", server_max_concurrency=0)
+    assert RewardDataConfig(**base, backend="server", server_base_url="http://h:8000/v1").server_base_url == [
+        "http://h:8000/v1"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -668,7 +1062,7 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, pool
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     config = _write_run(tmp_path, pool_dirs, rewards_py, "killed")
-    scores_dir = tmp_path / "killed" / "chunks" / "scores-1"
+    chunks = tmp_path / "killed" / "chunks"
     process = subprocess.Popen(
         [sys.executable, "-m", "trl_nca.cli", "generate", str(config)],
         cwd=REPO,
@@ -677,13 +1071,13 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, pool
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + TIMEOUT
-    while not (scores_dir.is_dir() and len(list(scores_dir.glob("chunk-*.json"))) >= 3):
+    while len(list(chunks.glob("scores-slow_reward-*/chunk-*.json"))) < 3:
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = len(list(scores_dir.glob("chunk-*.json")))
+    committed = len(list(chunks.glob("scores-slow_reward-*/chunk-*.json")))
     assert 3 <= committed < 8 and not (tmp_path / "killed" / "data.jsonl").exists()
 
     resumed = _generate(config)
@@ -834,8 +1228,14 @@ def test_generate_recipe_runs_with_tiny_models(recipe, tmp_path, tokenizer):
         "--reward_funcs",
         *funcs,
     ]
-    config = parse_args([str(recipe), *overrides])
-    dataset, stats = build_reward_dataset(config, Dataset.from_list(rows), show_progress=False)
+    with contextlib.ExitStack() as stack:
+        if raw.get("backend") == "server":  # the recipe's servers: one OpenAI-compatible fake serving every model
+            from test_server_backend import FakeState, fake_server
+
+            url = stack.enter_context(fake_server(FakeState(tokenizer, served=models)))
+            overrides += ["--server_base_url", url]
+        config = parse_args([str(recipe), *overrides])
+        dataset, stats = build_reward_dataset(config, Dataset.from_list(rows), show_progress=False)
     assert stats["completions_sampled"] == 3 * raw["num_completions"]
     assert len(dataset) == stats["prompts_kept"] > 0
     assert set(dataset[0]["models"]) <= set(config.model_names or [Path(m).name for m in models])

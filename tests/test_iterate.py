@@ -102,6 +102,14 @@ def test_a_changed_setting_refuses_to_resume(capsys, in_workdir, tmp_path):
     iterate.check_resumable(config, generate, train)
     with pytest.raises(UsageError, match=r"different `train`.*only `rounds` may change"):
         iterate.check_resumable(config, generate, {**train, "beta": 0.5})
+    with pytest.raises(UsageError, match=r"different `generate.temperature`.*the scoring settings such as"):
+        iterate.check_resumable(config, {**generate, "temperature": 0.5, "reward_weights": [2.0]}, train)
+    # The scoring settings of `generate` may change (generate keeps its committed samples): recorded anew.
+    rescoring = {**generate, "reward_funcs": ["reward_model", "f.py:g"], "reward_weights": [1.0, 0.5]}
+    assert iterate.check_resumable(config, rescoring, train) == ["reward_funcs", "reward_weights"]
+    assert iterate.check_resumable(config, rescoring, train) == []
+    with pytest.raises(UsageError, match=r"different `generate.num_completions`"):
+        iterate.check_resumable(config, {**rescoring, "num_completions": 5}, train)
 
 
 # ---------------------------------------------------------------------------------------------- per-round settings
@@ -182,6 +190,58 @@ def test_resume_skips_finished_rounds_and_complete_data_and_resumes_training(
     assert record["train"]["global_step"] == 2 and record["reference"] == "policy"
     assert [r["round"] for r in json.loads((out / "rounds.json").read_text())] == [1, 2]
     assert "round 2: 2 of 3 prompts kept, mean reward 3 (sampled by" in stdout
+
+
+def test_a_rerun_with_other_reward_funcs_rescores_the_rounds_samples(capsys, in_workdir, tmp_path, monkeypatch):
+    """Round 1's generate runs for real (in this process), its training is interrupted after a checkpoint; a re-run
+    with another `reward_funcs` keeps the round's samples, scores them with the new sources, and trains afresh (the
+    checkpoint of the old scores is not resumed)."""
+    from trl_nca.scripts import generate as generate_script
+
+    (in_workdir / "lengths.py").write_text(
+        "def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+    )
+    trains = []
+
+    def stage(command, where):
+        name, path = command[3], command[4]
+        if name == "generate":
+            status = generate_script.main([path])
+            if status:
+                raise iterate.StageFailed(f"{where} failed: its process exited with status {status}", status)
+            return
+        model = Path(yaml.safe_load(Path(path).read_text())["output_dir"])
+        trains.append(yaml.safe_load(Path(path).read_text()))
+        if len(trains) == 1:  # interrupted after its first checkpoint
+            _fake_checkpoint(model / "checkpoint-1", 1)
+            raise iterate.StageFailed(f"{where} failed: its process exited with status 1", 1)
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": [{"loss": 0.5}]}))
+
+    monkeypatch.setattr(iterate, "run_stage", stage)
+    assert iterate.main([str(_config(tmp_path, rounds=1))]) == 1
+    data = tmp_path / "out" / "round-1" / "data"
+    first = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
+    assert (tmp_path / "out" / "round-1" / "model" / "checkpoint-1").is_dir()
+    capsys.readouterr()
+
+    funcs = ["reward_model", "lengths.py:length"]
+    assert iterate.main([str(_config(tmp_path, rounds=1, generate__reward_funcs=funcs))]) == 0
+    stdout = capsys.readouterr().out
+    assert "generate: `reward_funcs` changed: the unfinished rounds rescore their committed samples" in stdout
+    assert "round 1/1: generate (policy policy): the scoring settings changed, it rescores the committed" in stdout
+    assert "round 1/1: train (policy policy, reference: its own initial weights); restarts: its data was rescored" in (
+        stdout
+    )
+    stats = json.loads((data / "stats.json").read_text())
+    assert stats["chunks_computed"] == {"sampling/policy": 0, "scoring/reward_model": 0, "scoring/length": 2}
+    second = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
+    assert [r["completions"] for r in second] == [r["completions"] for r in first]
+    assert [r["rewards_reward_model"] for r in second] == [r["rewards_reward_model"] for r in first]
+    assert [r["rewards_length"] for r in second] == [[float(len(c)) for c in r["completions"]] for r in second]
+    assert "resume_from_checkpoint" not in trains[1]  # the checkpoint trained on the old scores is gone
+    assert not (tmp_path / "out" / "round-1" / "model" / "checkpoint-1").exists()
+    assert (tmp_path / "out" / "round-1" / "round.json").is_file()
 
 
 def test_a_failing_stage_stops_with_its_status_and_one_line(capsys, in_workdir, tmp_path, monkeypatch):

@@ -6,18 +6,26 @@
 2. **scoring**, source by source, of each chunk's distinct, non-empty completions;
 3. **assembly** (main process): weighted rewards, drops, the dataset, its JSONL copy, card and statistics.
 
+Every reward source is checked before the sampling stage starts (see `check_sources`), so that a source that cannot
+score fails within seconds rather than after a sampling pass.
+
 Every finished chunk of a stage is committed to `output_dir/chunks/` (written whole, then renamed). A re-run of the
 same configuration skips committed chunks; a chunk interrupted mid-way is redone with the same seed, so a killed and
-re-run job yields exactly the rows of an uninterrupted one. Under `accelerate launch`, the pending chunks of a stage
-are dealt to the processes round by round and their results gathered to the main process, which alone writes; the
-rows do not depend on the number of processes.
+re-run job yields exactly the rows of an uninterrupted one. The resumption is keyed per stage: the samples by the
+sampling settings (`generate_config.json`), the scores of each source by that source (`scores-<name>-<digest>/`), so a
+re-run that changes only the reward sources keeps the committed samples and scores only the new sources. Under
+`accelerate launch`, the pending chunks of a stage are dealt to the processes round by round and their results
+gathered to the main process, which alone writes; the rows do not depend on the number of processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -29,8 +37,11 @@ from tqdm.auto import tqdm
 from trl_nca.config import RewardDataConfig
 from trl_nca.generation import Sampler, SamplingOptions, TransformersSampler, VLLMSampler, chunk_key, completion_text
 from trl_nca.scoring import (
+    RewardFunctionError,
     RewardModel,
     call_source,
+    check_reward_function,
+    check_reward_model,
     combine_scores,
     is_function_spec,
     load_reward_function,
@@ -39,11 +50,21 @@ from trl_nca.scoring import (
 
 RESERVED_COLUMNS = ("completions", "rewards", "models")
 STATE_FILE = "generate_config.json"
-# Fields that do not change the committed chunks: a re-run may differ in them and still resume (changing the weights or
-# `min_completions` re-assembles the dataset from the committed scores without sampling or scoring again).
+#: What a finished run writes next to `chunks/` (removed when a re-run's settings make them stale).
+OUTPUT_FILES = ("dataset", "data.jsonl", "stats.json", "README.md")
+#: Layout of the committed samples, recorded in `STATE_FILE`: 2 since `completion_ids` end with the stop token (as
+#: GRPOTrainer passes them); runs recorded without it hold samples of the older layout and are not resumed.
+SAMPLES_FORMAT = 2
+#: Recorded settings that only the scoring stage depends on: a re-run may change them and keep the committed samples
+#: (the scores of each source are keyed by the source itself, see `score_key`).
+SCORING_KEYS = ("reward_funcs", "reward_sources", "deduplicate")
+# Fields that do not change the committed chunks: a re-run may differ in them and still resume (changing the weights,
+# `min_completions` or the models' labels re-assembles the dataset from the committed scores without sampling or
+# scoring again).
 _RUN_ONLY_FIELDS = (
     "min_completions",
     "reward_weights",
+    "model_names",  # the labels of the `models` column
     "output_dir",
     "push_to_hub",
     "hub_dataset_id",
@@ -51,11 +72,37 @@ _RUN_ONLY_FIELDS = (
     "overwrite",
     "reward_batch_size",
     "vllm_gpu_memory_utilization",
+    "server_base_url",
+    "server_model_names",
+    "server_api_key_env",
+    "server_max_concurrency",
+    "server_max_retries",
+    "server_timeout",
 )
+
+
+#: `RewardDataConfig` fields a re-run may change and still keep the committed samples (`trl-nca iterate` allows them).
+KEEPS_SAMPLES = frozenset(("reward_funcs", "deduplicate", *_RUN_ONLY_FIELDS))
 
 
 class ResumeError(ValueError):
     """`output_dir` holds a run of a different configuration."""
+
+
+class NoPromptKeptError(ValueError):
+    """Every prompt was dropped (its completions unscored, empty, duplicates, or too few left): there is no dataset."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a temporary file beside it (`<stem>.tmp<pid>`), flushed to disk,
+    then renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -69,54 +116,109 @@ class ChunkStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def path(self, stage: str, index: int, chunk: int) -> Path:
+    def path(self, stage: str, index: int | str, chunk: int) -> Path:
         return self.root / f"{stage}-{index}" / f"chunk-{chunk:06d}.json"
 
-    def has(self, stage: str, index: int, chunk: int) -> bool:
+    def has(self, stage: str, index: int | str, chunk: int) -> bool:
         return self.path(stage, index, chunk).is_file()
 
-    def write(self, stage: str, index: int, chunk: int, payload: Any) -> None:
-        path = self.path(stage, index, chunk)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    def write(self, stage: str, index: int | str, chunk: int, payload: Any) -> None:
+        write_atomic(self.path(stage, index, chunk), json.dumps(payload))
 
-    def read(self, stage: str, index: int, chunk: int) -> Any:
+    def read(self, stage: str, index: int | str, chunk: int) -> Any:
         with open(self.path(stage, index, chunk)) as handle:
             return json.load(handle)
 
+    def remove_temporary_files(self) -> int:
+        """Delete the `chunk-*.tmp<pid>` files that a killed run left half-written; returns how many."""
+        leftovers = list(self.root.glob("*/chunk-*.tmp*"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
 
-def check_resumable(config: RewardDataConfig, output_dir: Path, extra: dict[str, Any] | None = None) -> None:
-    """Record the configuration (and `extra`, e.g. the names of reward sources given as callables) in `output_dir`, or
-    check that it equals the recorded one (else `ResumeError`, or a fresh start with `overwrite`)."""
-    import shutil
+    def prune(self, stage: str, keep: Sequence[int | str]) -> list[str]:
+        """Delete the folders of `stage` other than those of `keep` (e.g. the scores of reward sources no longer in
+        the configuration); returns their names."""
+        kept = {f"{stage}-{index}" for index in keep}
+        stale = [p for p in self.root.glob(f"{stage}-*") if p.is_dir() and p.name not in kept]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return sorted(p.name for p in stale)
 
+
+def _read_state(state: Path) -> dict[str, Any] | str:
+    """The recorded settings, or a description of why they cannot be read."""
+    try:
+        recorded = json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"truncated or corrupt: {error}"
+    return recorded if isinstance(recorded, dict) else f"a JSON {type(recorded).__name__}, not an object"
+
+
+def remove_outputs(output_dir: Path) -> None:
+    """Delete a previous run's `OUTPUT_FILES` (they no longer match the committed chunks)."""
+    for name in OUTPUT_FILES:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def check_resumable(config: RewardDataConfig, output_dir: Path, extra: dict[str, Any] | None = None) -> list[str]:
+    """Record the configuration (and `extra`: the prompts' hash, the reward sources, the samples' format) in
+    `output_dir`, or check it against the recorded one, stage by stage; returns the recorded settings that changed.
+
+    A change of the sampling settings, of the prompts, or samples of an older format, is a `ResumeError` (one line),
+    or a fresh start with `overwrite` (the committed chunks are deleted). A change of the scoring settings only
+    (`SCORING_KEYS`) keeps the committed samples: the caller prunes the scores of the sources that changed. Whenever
+    the settings changed, the outputs of the previous run (`OUTPUT_FILES`) are deleted. The settings are written
+    atomically; an unreadable record is a `ResumeError`, or a fresh start with `overwrite`.
+    """
     settings = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY_FIELDS}
     settings.update(extra or {})
+    settings = json.loads(json.dumps(settings))  # the JSON form, as recorded
     state = output_dir / STATE_FILE
+    changed: list[str] = []
     if state.is_file():
-        recorded = json.loads(state.read_text())
-        changed = [k for k in sorted(set(settings) | set(recorded)) if settings.get(k) != recorded.get(k)]
-        if not changed:
-            return
-        if not config.overwrite:
-            key = changed[0]
-            what = (
-                "other prompts (`prompts_sha256`: the dataset's rows differ)"
-                if key == "prompts_sha256"
-                else f"a different configuration (`{key}`: {recorded.get(key)!r} there, {settings.get(key)!r} now)"
+        recorded = _read_state(state)
+        start_over = None
+        if isinstance(recorded, str):
+            start_over = (
+                f"{state} is unreadable ({recorded}), so the committed chunks cannot be matched to settings; pass "
+                "--overwrite true to start over, or another --output_dir."
             )
-            raise ResumeError(
-                f"{output_dir} holds a run with {what}; re-run with the same settings to resume it, or pass "
-                "--overwrite true or another --output_dir."
+            changed = ["generate_config.json"]
+        elif recorded.get("samples_format") != settings.get("samples_format"):
+            start_over = (
+                f"{output_dir} holds chunks written by an older trl-nca (their `completion_ids` lack the stop token "
+                "that GRPOTrainer keeps); re-run with --overwrite true to sample them again, or use another "
+                "--output_dir."
             )
-        shutil.rmtree(output_dir / "chunks", ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            changed = ["samples_format"]
+        else:
+            changed = [k for k in sorted(set(settings) | set(recorded)) if settings.get(k) != recorded.get(k)]
+            sampling = [k for k in changed if k not in SCORING_KEYS]
+            if sampling:
+                key = sampling[0]
+                what = (
+                    "other prompts (`prompts_sha256`: the dataset's rows differ)"
+                    if key == "prompts_sha256"
+                    else f"a different configuration (`{key}`: {recorded.get(key)!r} there, {settings.get(key)!r} now)"
+                )
+                start_over = (
+                    f"{output_dir} holds a run with {what}; re-run with the same sampling settings to resume it (the "
+                    "reward sources may change), or pass --overwrite true or another --output_dir."
+                )
+        if start_over is not None:
+            if not config.overwrite:
+                raise ResumeError(start_over)
+            shutil.rmtree(output_dir / "chunks", ignore_errors=True)
+        if changed:
+            remove_outputs(output_dir)
+    if changed or not state.is_file():
+        write_atomic(state, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,6 +295,22 @@ def load_sampler(config: RewardDataConfig, model_index: int, name: str, state: A
     options = SamplingOptions(
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens
     )
+    if config.backend == "server":
+        from trl_nca.server import ServerSampler
+
+        return ServerSampler(
+            config.server_base_url,
+            (config.server_model_names or config.model_name_or_path)[model_index],
+            tokenizer,
+            options,
+            api_key=os.environ.get(config.server_api_key_env) or None,
+            token_ids=config.server_token_ids,
+            max_concurrency=config.server_max_concurrency,
+            max_retries=config.server_max_retries,
+            timeout=config.server_timeout,
+            chat_template_kwargs=config.chat_template_kwargs,
+            name=name,
+        )
     if config.backend == "vllm":
         return VLLMSampler(
             path,
@@ -248,6 +366,86 @@ def resolve_source(spec: Any, config: RewardDataConfig, state: Any) -> Any:
         device=state.device,
         chat_template_kwargs=config.chat_template_kwargs,
     )
+
+
+def source_identity(spec: Any, function: Any, name: str) -> dict[str, Any]:
+    """What a source's committed scores depend on besides the samples: its name and spec (a reward model's id or
+    folder, a function's `module:function` or `file.py:function`), and for a function a hash of its code (the whole
+    file of a `file.py:function` spec), so an edited reward function is scored again."""
+    if isinstance(spec, str) and not is_function_spec(spec):
+        return {"name": name, "reward_model": spec}
+    if isinstance(spec, str):
+        label = spec
+    else:
+        label = f"{getattr(spec, '__module__', None) or type(spec).__module__}:"
+        label += getattr(spec, "__qualname__", None) or type(spec).__qualname__
+    file = Path(label.rsplit(":", 1)[0])
+    if file.suffix == ".py" and file.is_file():
+        code = file.read_bytes()
+    else:
+        import inspect
+
+        try:
+            code = inspect.getsource(function).encode()
+        except (OSError, TypeError):
+            code = None
+    return {"name": name, "function": label, "code_sha256": hashlib.sha256(code).hexdigest() if code else None}
+
+
+def score_key(identity: dict[str, Any], deduplicate: bool) -> str:
+    """The folder suffix of a source's score chunks (`scores-<key>`): its name and a digest of its identity and of the
+    settings that decide which completions it scores."""
+    digest = hashlib.sha256(json.dumps([identity, deduplicate], sort_keys=True).encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', identity['name'])}-{digest}"
+
+
+def check_sources(
+    sources: Sequence[Any], names: Sequence[str], prompts: Any, config: RewardDataConfig
+) -> list[dict[str, Any]]:
+    """Check every reward source before anything is sampled, with the first prompt row (nothing loaded but configs,
+    tokenizers and the reward functions' modules): a reward model's folder or id, its single label and its
+    tokenizer's rendering; a reward function's module (syntax, import), its signature against GRPOTrainer's keyword
+    arguments and the prompt dataset's columns (see `trl_nca.scoring.check_reward_function`). Returns each source's
+    `source_identity`; a source that cannot score is a `RewardFunctionError` (one line)."""
+    first = prompts[0]
+    columns = {c: first[c] for c in prompts.column_names if c != "prompt"}
+    identities = []
+    for spec, name in zip(sources, names, strict=True):
+        if isinstance(spec, RewardModel):
+            identities.append(source_identity(spec, spec, name))
+            continue
+        if not callable(spec) and not is_function_spec(spec):
+            check_reward_model(spec, first["prompt"], config.chat_template_kwargs)
+            identities.append(source_identity(spec, None, name))
+            continue
+        function = spec if callable(spec) else load_reward_function(spec)
+        check_reward_function(name, function, first["prompt"], columns)
+        identities.append(source_identity(spec, function, name))
+    return identities
+
+
+def _on_main(state: Any, work: Callable[[], Any], share: bool = False) -> Any:
+    """Run `work()` on the main process; its error is raised on every process (the others would otherwise wait for
+    the main process forever). Returns its result, on every process with `share` (else None on the others)."""
+    from accelerate.utils import broadcast_object_list
+
+    from trl_nca.data import DatasetError
+
+    known = (RewardFunctionError, ResumeError, NoPromptKeptError, DatasetError)
+    result, failure, raised = None, None, None
+    if state.is_main_process:
+        try:
+            result = work()
+        except Exception as error:
+            raised = error
+            failure = (type(error) if isinstance(error, known) else RuntimeError, str(error))
+    shared, failure = broadcast_object_list([(result if share else None, failure)])[0]
+    if raised is not None:
+        raise raised
+    if failure is not None:
+        kind, message = failure
+        raise kind(message if kind is not RuntimeError else f"the main process failed: {message}")
+    return result if state.is_main_process else shared
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -326,14 +524,27 @@ def build_reward_dataset(
         raise ValueError(f"`reward_weights` has {len(weights)} weights for {len(sources)} reward sources.")
     prompts = _checked_prompts(prompts, config)
     labels, names = model_labels(config), source_labels(sources)
-    if state.is_main_process:
-        check_resumable(config, output_dir, {"reward_sources": names, "prompts_sha256": _fingerprint(prompts)})
-    state.wait_for_everyone()
     store = ChunkStore(output_dir / "chunks")
+
+    def prepare() -> list[str]:  # main process: check the sources, then the committed work, before any sampling
+        identities = check_sources(sources, names, prompts, config)
+        extra = {
+            "reward_sources": identities,
+            "prompts_sha256": _fingerprint(prompts),
+            "samples_format": SAMPLES_FORMAT,
+        }
+        check_resumable(config, output_dir, extra)
+        keys = [score_key(identity, config.deduplicate) for identity in identities]
+        store.remove_temporary_files()
+        store.prune("scores", keys)  # the scores of sources no longer configured (or configured otherwise)
+        return keys
+
+    keys = _on_main(state, prepare, share=True)
     columns = [c for c in prompts.column_names if c != "prompt"]
     n_prompts, size = len(prompts), config.chunk_size
     n_chunks = math.ceil(n_prompts / size)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {}  # each stage's wall time (on the main process), its setup included
+    setup: dict[str, float] = {}  # the part of it spent loading and closing the model or source (an engine's start-up)
     work_done: dict[str, int] = {}
 
     def chunk_slice(chunk: int) -> tuple[range, dict[str, list]]:
@@ -349,13 +560,17 @@ def build_reward_dataset(
             return [{"row": row, "samples": [vars(x) for x in xs]} for row, xs in zip(rows, samples, strict=True)]
 
         def load_model(m: int = m, holder: dict = holder) -> None:
+            begin = time.perf_counter()
             holder["sampler"] = load_sampler(config, m, labels[m], state)
+            setup[f"sampling/{labels[m]}_s"] = time.perf_counter() - begin
 
         start = time.perf_counter()
         desc = f"Sampling ({labels[m]}, {n_samples} per prompt)"
         done = run_stage(store, "samples", m, n_chunks, sample_chunk, state, desc, show_progress, load_model)
         if "sampler" in holder:
+            begin = time.perf_counter()
             holder["sampler"].close()
+            setup[f"sampling/{labels[m]}_s"] += time.perf_counter() - begin
         timings[f"sampling/{labels[m]}_s"] = time.perf_counter() - start
         work_done[f"sampling/{labels[m]}"] = done
 
@@ -386,14 +601,16 @@ def build_reward_dataset(
             )
             return {"scores": scores, "metrics": metrics}
 
-        def load_source(spec: Any = spec, holder: dict = holder) -> None:
+        def load_source(spec: Any = spec, s: int = s, holder: dict = holder) -> None:
+            begin = time.perf_counter()
             holder["source"] = resolve_source(spec, config, state)
+            setup[f"scoring/{names[s]}_s"] = time.perf_counter() - begin
 
         start = time.perf_counter()
         done = run_stage(
             store,
             "scores",
-            s,
+            keys[s],
             n_chunks,
             score_chunk,
             state,
@@ -403,19 +620,50 @@ def build_reward_dataset(
             read_input=merged,
         )
         if hasattr(holder.get("source"), "close"):
+            begin = time.perf_counter()
             holder["source"].close()
+            setup[f"scoring/{names[s]}_s"] += time.perf_counter() - begin
         timings[f"scoring/{names[s]}_s"] = time.perf_counter() - start
         work_done[f"scoring/{names[s]}"] = done
 
-    if not state.is_main_process:
-        state.wait_for_everyone()
-        return None, {}
-    dataset, stats = assemble(store, prompts, config, labels, names, weights, n_chunks, columns)
-    stats.update(timings=timings, chunks_computed=work_done, n_chunks=n_chunks, processes=state.num_processes)
-    specs = [spec if isinstance(spec, str) else f"{spec.__module__}:{source_name(spec)}" for spec in sources]
-    write_outputs(dataset, stats, config, labels, list(zip(names, specs, weights, strict=True)), output_dir)
-    state.wait_for_everyone()
-    return dataset, stats
+    def finish() -> tuple[Any, dict[str, Any]]:  # main process
+        dataset, stats = assemble(store, prompts, config, labels, names, keys, weights, n_chunks, columns)
+        stats.update(
+            timings=timings,
+            setup=setup,
+            chunks_computed=work_done,
+            n_chunks=n_chunks,
+            processes=state.num_processes,
+        )
+        if len(dataset) == 0:
+            remove_outputs(output_dir)
+            raise NoPromptKeptError(nothing_kept_message(stats, config))
+        specs = [spec if isinstance(spec, str) else f"{spec.__module__}:{source_name(spec)}" for spec in sources]
+        write_outputs(dataset, stats, config, labels, list(zip(names, specs, weights, strict=True)), output_dir)
+        return dataset, stats
+
+    result = _on_main(state, finish)
+    return result if state.is_main_process else (None, {})
+
+
+def nothing_kept_message(stats: dict[str, Any], config: RewardDataConfig) -> str:
+    """Why a run kept no prompt, with the counts, in one line."""
+    sampled, empty, duplicates = (stats[f"completions_{k}"] for k in ("sampled", "empty", "duplicates"))
+    unscored = stats["completions_unscored"]
+    candidates = sampled - empty - duplicates
+    if candidates == 0:
+        why = "every completion was empty or a duplicate" + (
+            " (sample with a higher temperature, or set deduplicate false)" if duplicates else ""
+        )
+    elif unscored == candidates:
+        why = "no reward source scored any completion (every score was None)"
+    else:
+        why = "raise num_completions, lower min_completions, or set deduplicate false"
+    return (
+        f"no prompt kept: all {stats['prompts']} prompts were left with fewer than min_completions="
+        f"{config.min_completions} scored completions ({sampled} sampled; {empty} empty, {duplicates} duplicates, "
+        f"{unscored} unscored removed): {why}; nothing was written to {config.output_dir}/dataset."
+    )
 
 
 def _fingerprint(prompts: Any) -> str:
@@ -462,11 +710,13 @@ def assemble(
     config: RewardDataConfig,
     labels: Sequence[str],
     names: Sequence[str],
+    keys: Sequence[str],
     weights: Sequence[float],
     n_chunks: int,
     columns: Sequence[str],
 ) -> tuple[Any, dict[str, Any]]:
-    """Combine the committed samples and scores into reward rows; count what was dropped and why."""
+    """Combine the committed samples and scores (source `names[s]`'s under `scores-{keys[s]}`) into reward rows;
+    count what was dropped and why."""
     from datasets import Dataset
 
     rows: list[dict[str, Any]] = []
@@ -479,8 +729,8 @@ def assemble(
         for key, value in chunk_counts.items():
             counts[key] += value
         per_source = []
-        for s in range(len(names)):
-            payload = store.read("scores", s, chunk)
+        for key in keys:
+            payload = store.read("scores", key, chunk)
             per_source.append(payload["scores"])
             for key, values in payload["metrics"].items():
                 metrics.setdefault(key, []).extend(values)

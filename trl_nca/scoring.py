@@ -13,12 +13,15 @@ conversation is rendered with its own tokenizer's chat template and scored in ba
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,19 +44,17 @@ def is_function_spec(spec: str) -> bool:
 
 
 def load_reward_function(spec: str) -> RewardFunction:
-    """Import the function named by `module:function` (an importable module) or `path/to/file.py:function`."""
+    """Import the function named by `module:function` (an importable module) or `path/to/file.py:function`.
+
+    A file is executed once per process (a second load reuses the module). A file that does not compile or fails
+    while it is imported is a `RewardFunctionError` naming the file and line.
+    """
     match = _FUNCTION_SPEC.match(spec)
     if match is None:
         raise RewardFunctionError(f"reward function `{spec}`: expected `module:function` or `file.py:function`.")
     module_name, name = match["module"], match["name"]
     if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise RewardFunctionError(f"reward function `{spec}`: no file {path}.")
-        module_spec = importlib.util.spec_from_file_location(f"_trl_nca_rewards_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_spec.name] = module
-        module_spec.loader.exec_module(module)
+        module = _load_file(spec, Path(module_name))
     else:
         try:
             module = importlib.import_module(module_name)
@@ -65,11 +66,63 @@ def load_reward_function(spec: str) -> RewardFunction:
     return function
 
 
+def _load_file(spec: str, path: Path) -> Any:
+    """The module of a reward-function file, executed on its first load (a load after the file changed executes it
+    again)."""
+    if not path.is_file():
+        raise RewardFunctionError(f"reward function `{spec}`: no file {path}.")
+    key = hashlib.sha256(str(path.resolve()).encode() + b"\0" + path.read_bytes()).hexdigest()[:16]
+    module_name = f"_trl_nca_rewards_{path.stem}_{key}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None:
+        return loaded
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        del sys.modules[module_name]
+        raise RewardFunctionError(
+            f"reward function `{spec}`: syntax error in {error.filename or path}:{error.lineno}: {error.msg}."
+        ) from None
+    except Exception as error:
+        del sys.modules[module_name]
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename) == path]
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
+        raise RewardFunctionError(
+            f"reward function `{spec}`: importing {path} failed at {where}: {type(error).__name__}: {error}"
+        ) from None
+    return module
+
+
 def source_name(source: Any) -> str:
     """A short name for a reward source: the function's name, or the reward model's folder/repository name."""
     if isinstance(source, str):
         return source.rsplit(":", 1)[-1] if is_function_spec(source) else Path(source.rstrip("/")).name
     return getattr(source, "__name__", None) or type(source).__name__
+
+
+def reward_model_texts(
+    tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any], chat_template_kwargs: dict | None = None
+) -> list[str]:
+    """What a reward model reads for each (prompt, completion): the conversation rendered with the reward model's own
+    chat template, or prompt + completion for text rows (as GRPOTrainer renders them)."""
+    from trl.data_utils import apply_chat_template, is_conversational
+
+    if prompts and is_conversational({"prompt": prompts[0]}):
+        return [
+            apply_chat_template({"messages": list(p) + list(c)}, tokenizer, **(chat_template_kwargs or {}))["text"]
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    return [p + c for p, c in zip(prompts, completions, strict=True)]
+
+
+def _labels_error(model_name_or_path: str, num_labels: int) -> RewardFunctionError:
+    return RewardFunctionError(
+        f"reward model `{model_name_or_path}`: expected one output label (a scalar score), found {num_labels}; load "
+        "it with num_labels=1 or use a reward function."
+    )
 
 
 class RewardModel:
@@ -94,10 +147,7 @@ class RewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_name_or_path, dtype=dtype).eval()
         if self.model.config.num_labels != 1:
-            raise RewardFunctionError(
-                f"reward model {model_name_or_path}: expected one output label (a scalar score), found "
-                f"{self.model.config.num_labels}; load it with num_labels=1 or use a reward function."
-            )
+            raise _labels_error(model_name_or_path, self.model.config.num_labels)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -108,16 +158,7 @@ class RewardModel:
 
     def texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
         """What the reward model reads for each (prompt, completion)."""
-        from trl.data_utils import apply_chat_template, is_conversational
-
-        if prompts and is_conversational({"prompt": prompts[0]}):
-            return [
-                apply_chat_template({"messages": list(p) + list(c)}, self.tokenizer, **self.chat_template_kwargs)[
-                    "text"
-                ]
-                for p, c in zip(prompts, completions, strict=True)
-            ]
-        return [p + c for p, c in zip(prompts, completions, strict=True)]
+        return reward_model_texts(self.tokenizer, prompts, completions, self.chat_template_kwargs)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
@@ -217,3 +258,172 @@ def call_source(
         **{key: list(values) for key, values in columns.items()},
     )
     return check_scores(name, scores, rows, positions)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks before sampling: a reward source that cannot score must fail before a sampling pass, not after it
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: The keyword arguments GRPOTrainer passes every reward function, besides the prompt dataset's other columns.
+GRPO_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def placeholder_completion(prompt: Any) -> Any:
+    """A one-token stand-in completion of `prompt` (an assistant message for a conversational prompt)."""
+    return [{"role": "assistant", "content": "0"}] if isinstance(prompt, list) else "0"
+
+
+def check_reward_model(spec: str, prompt: Any, chat_template_kwargs: dict[str, Any] | None = None) -> None:
+    """Check a reward model without loading its weights: its config (found, one label) and its tokenizer, which must
+    render `prompt` with a completion as `RewardModel` renders it. Raises `RewardFunctionError` (one line)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as error:
+        if Path(spec).expanduser().is_dir():
+            what = f"the folder holds no model config ({_first_line(error)})"
+        else:
+            what = f"no such folder, and no model of that id on the Hub ({_first_line(error)})"
+        raise RewardFunctionError(
+            f"reward model `{spec}`: {what}; `reward_funcs` takes reward-model folders or Hub ids, and reward "
+            "functions as `module:function` or `path/to/file.py:function`."
+        ) from None
+    if config.num_labels != 1:
+        raise _labels_error(spec, config.num_labels)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as error:
+        raise RewardFunctionError(
+            f"reward model `{spec}`: cannot load its tokenizer ({_first_line(error)})."
+        ) from None
+    try:
+        reward_model_texts(tokenizer, [prompt], [placeholder_completion(prompt)], chat_template_kwargs)
+    except Exception as error:
+        raise RewardFunctionError(
+            f"reward model `{spec}`: its tokenizer cannot render a prompt and its completion for scoring "
+            f"({_first_line(error)}); give it a chat template."
+        ) from None
+
+
+def _where(function: Any) -> str:
+    """`file:line` of a function's definition (what a user opens to fix it), or its name."""
+    try:
+        target = inspect.unwrap(function)
+        if not (inspect.isfunction(target) or inspect.ismethod(target)):
+            target = type(target).__call__ if not inspect.isclass(target) else target
+        return f"{inspect.getsourcefile(target)}:{inspect.getsourcelines(target)[1]}"
+    except (OSError, TypeError):
+        return getattr(function, "__qualname__", None) or type(function).__name__
+
+
+def check_reward_function(name: str, function: RewardFunction, prompt: Any, columns: dict[str, Any]) -> None:
+    """Check that GRPOTrainer's call can reach `function`: every required parameter is a GRPO argument or one of the
+    prompt dataset's `columns` (the first row's values), and every keyword argument is accepted (by name or by
+    `**kwargs`). A function taking `**kwargs` whose source reads `kwargs["name"]` for a column the prompts lack is
+    called once on a placeholder completion of the first prompt: a `KeyError` for that column is the error (a read
+    guarded by `if "name" in kwargs` passes). Raises `RewardFunctionError` (one line)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # a builtin or extension callable: nothing to read
+        return
+    passed = [*GRPO_ARGUMENTS, *columns]
+    available = ", ".join(["prompt", *columns])
+    kind = inspect.Parameter
+    where = _where(function)
+    for parameter in parameters:
+        if parameter.kind is kind.POSITIONAL_ONLY and parameter.default is kind.empty:
+            raise RewardFunctionError(
+                f"reward function `{name}` ({where}) takes `{parameter.name}` as a positional-only parameter; "
+                "GRPOTrainer passes every argument by keyword: make it an ordinary parameter."
+            )
+    named = {p.name for p in parameters if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)}
+    needed = [
+        p.name
+        for p in parameters
+        if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY) and p.default is kind.empty
+    ]
+    missing = [p for p in needed if p not in passed]
+    if missing:
+        raise RewardFunctionError(
+            f"reward function `{name}` ({where}) needs the dataset column `{missing[0]}`, which the prompts lack "
+            f"(columns: {available}); add it to the prompt dataset."
+        )
+    var_keyword = next((p.name for p in parameters if p.kind is kind.VAR_KEYWORD), None)
+    if var_keyword is None:
+        refused = [a for a in passed if a not in named]
+        if refused:
+            listed = ", ".join(f"`{a}`" for a in refused)
+            raise RewardFunctionError(
+                f"reward function `{name}` ({where}) cannot take the keyword arguments {listed} that GRPOTrainer "
+                "passes (with the prompt dataset's columns); add `**kwargs` to its signature."
+            )
+        return
+    # Columns read as kwargs["name"] do not show in the signature: look for such reads of a column the prompts lack,
+    # and only then call the function once on a placeholder completion, to tell a read that fails from one guarded by
+    # `if "name" in kwargs` (a function that reads no missing column is never called here).
+    suspects = {key: line for key, line in _keyword_reads(function, var_keyword).items() if key not in passed}
+    if not suspects:
+        return
+    try:
+        function(
+            prompts=[prompt],
+            completions=[placeholder_completion(prompt)],
+            completion_ids=[[]],
+            trainer_state=None,
+            log_extra=lambda column, values: None,
+            log_metric=lambda metric, value: None,
+            **{column: [value] for column, value in columns.items()},
+        )
+    except KeyError as error:
+        key = error.args[0] if len(error.args) == 1 else None
+        if isinstance(key, str) and key in suspects:
+            raise RewardFunctionError(
+                f"reward function `{name}` ({where}) reads the dataset column `{key}` (`{var_keyword}[{key!r}]` at "
+                f"{suspects[key]}), which the prompts lack (columns: {available}); add it to the prompt dataset."
+            ) from None
+    except Exception:  # the placeholder completion may upset the function otherwise: not a reason to stop
+        pass
+
+
+def _keyword_reads(function: Any, var_keyword: str) -> dict[str, str]:
+    """The keys a function reads from its `**kwargs` dict as `kwargs["key"]` or `kwargs.pop("key")` (no default),
+    found in its source, each with the `file:line` of its first read; empty when the source is not available."""
+    import ast
+    import textwrap
+
+    try:
+        target = inspect.unwrap(function)
+        lines, first = inspect.getsourcelines(target)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+        file = inspect.getsourcefile(target)
+    except (OSError, TypeError, SyntaxError):  # no source (builtins, a lambda inside an expression, ...)
+        return {}
+
+    def is_kwargs(node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id == var_keyword
+
+    reads: dict[str, str] = {}
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and is_kwargs(node.value):
+            key = node.slice.value if isinstance(node.slice, ast.Constant) else None
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "pop"
+            and is_kwargs(node.func.value)
+            and len(node.args) == 1
+            and not node.keywords
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            key = node.args[0].value
+        if isinstance(key, str):
+            location = f"{file}:{first + node.lineno - 1}"
+            reads[key] = min(reads.get(key, location), location, key=lambda loc: int(loc.rsplit(":", 1)[1]))
+    return reads

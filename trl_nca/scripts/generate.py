@@ -60,32 +60,40 @@ def load_prompts(config: RewardDataConfig):
     return loaded[config.dataset_split]
 
 
-def summary(stats: dict, output_dir: str) -> str:
+def summary(stats: dict, output_dir: str, min_completions: int = 2) -> str:
     """What the run wrote, in a few lines."""
     timings = stats.get("timings", {})
+    # Rates are over the time spent sampling or scoring, without loading and closing the model (an engine's start-up
+    # and shutdown).
+    setup = stats.get("setup", {})
+    working = {k: seconds - setup.get(k, 0.0) for k, seconds in timings.items()}
     complete = {k: stats["chunks_computed"][k.removesuffix("_s")] == stats["n_chunks"] for k in timings}
     scored = stats["completions_sampled"] - stats["completions_empty"] - stats["completions_duplicates"]
     parts = []
     for key, seconds in timings.items():
         part = f"{key.removesuffix('_s')} {seconds:.1f} s"
-        if complete[key] and seconds > 0 and key.startswith("scoring/"):
-            part += f" ({scored / seconds:.1f} completions/s)"
+        if setup.get(key):
+            part += f" ({setup[key]:.1f} s loading and closing)"
+        if complete[key] and working[key] > 0 and key.startswith("scoring/"):
+            part += f" ({scored / working[key]:.1f} completions/s)"
         parts.append(part)
-    sampling_s = sum(v for k, v in timings.items() if k.startswith("sampling/"))
+    sampling_s = sum(v for k, v in working.items() if k.startswith("sampling/"))
     if sampling_s > 0 and all(v for k, v in complete.items() if k.startswith("sampling/")):
         parts.append(
             f"sampling {stats['completions_sampled'] / sampling_s:.1f} completions/s, "
             f"{stats['completion_tokens_sampled'] / sampling_s:.0f} tokens/s"
         )
     seconds = "; ".join(parts)
+    train = f"train on it: trl-nca train RECIPE --dataset_name {output_dir}/dataset"
+    if min_completions < 2:  # rows of one completion: SFT data or an evaluation set, not K-way training data
+        train = "min_completions 1 keeps prompts with a single completion, which NCATrainer/InfoNCATrainer refuse"
     return (
         f"{stats['prompts_kept']} of {stats['prompts']} prompts kept, {stats['completions_kept']} completions "
         f"({stats['completions_sampled']} sampled; {stats['completions_duplicates']} duplicates, "
         f"{stats['completions_empty']} empty, {stats['completions_unscored']} unscored removed; "
         f"{stats['prompts_too_few']} prompts with too few left)\n"
         f"time: {seconds}\n"
-        f"wrote {output_dir}/dataset (train on it: trl-nca train RECIPE --dataset_name {output_dir}/dataset), "
-        f"data.jsonl, README.md, stats.json"
+        f"wrote {output_dir}/dataset ({train}), data.jsonl, README.md, stats.json"
     )
 
 
@@ -104,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from trl_nca.cli import UsageError, quiet_warnings
     from trl_nca.data import DatasetError
-    from trl_nca.reward_data import ResumeError, build_reward_dataset
+    from trl_nca.reward_data import NoPromptKeptError, ResumeError, build_reward_dataset
     from trl_nca.scoring import RewardFunctionError
+    from trl_nca.server import ServerError
 
     quiet_warnings()
     _only_our_progress_bars()
@@ -117,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse_args(argv)
         prompts = load_prompts(config)
         _, stats = build_reward_dataset(config, prompts)
-    except (UsageError, DatasetError, ResumeError, RewardFunctionError) as error:
+    except (UsageError, DatasetError, ResumeError, RewardFunctionError, NoPromptKeptError, ServerError) as error:
         if PartialState().is_main_process:
             print(f"trl-nca generate: error: {error}", file=sys.stderr)
         return 2
@@ -128,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     if stats:
-        print(summary(stats, config.output_dir))
+        print(summary(stats, config.output_dir, config.min_completions))
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,6 +282,13 @@ def stage_command(stage: str, config_path: str | os.PathLike) -> list[str]:
     return [sys.executable, "-m", "trl_nca.cli", stage, str(config_path)]
 
 
+def yaml_form(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as `_write_yaml` writes them and `yaml.safe_load` reads them back."""
+    import yaml
+
+    return yaml.safe_load(yaml.safe_dump(settings, sort_keys=False))
+
+
 def _write_yaml(path: Path, settings: dict[str, Any]) -> None:
     import yaml
 
@@ -314,26 +322,43 @@ def validate(config: IterateConfig, generate: dict[str, Any], train: dict[str, A
             os.environ.update(environment)
 
 
-def check_resumable(config: IterateConfig, generate: dict[str, Any], train: dict[str, Any]) -> None:
-    """Record the settings in ``output_dir/iterate_config.json``, or check that a re-run matches them (only
-    ``rounds`` may change); a `UsageError` names the first setting that differs. The resolved mappings are compared,
-    so an edited recipe or generate YAML counts as a change."""
+def check_resumable(config: IterateConfig, generate: dict[str, Any], train: dict[str, Any]) -> list[str]:
+    """Record the settings in ``output_dir/iterate_config.json``, or check that a re-run matches them; a `UsageError`
+    names the first setting that differs. The resolved mappings are compared, so an edited recipe or generate YAML
+    counts as a change. Only ``rounds`` may change, and in ``generate`` the settings a ``trl-nca generate`` re-run
+    keeps its committed samples across (the scoring settings: ``reward_funcs``, ``reward_weights``,
+    ``min_completions``, ...): those are recorded anew and returned (sorted), so the unfinished rounds rescore their
+    samples; the finished rounds keep their data."""
     from trl_nca.cli import UsageError
+    from trl_nca.reward_data import KEEPS_SAMPLES, write_atomic
 
     settings = {**{k: v for k, v in asdict(config).items() if k != "rounds"}, "generate": generate, "train": train}
     settings = json.loads(json.dumps(settings))  # the JSON form, as recorded
     state = Path(config.output_dir) / STATE_FILE
+    rescored: list[str] = []
     if state.is_file():
         recorded = json.loads(state.read_text())
         for key in sorted(set(settings) | set(recorded)):
-            if settings.get(key) != recorded.get(key):
-                raise UsageError(
-                    f"{config.output_dir} holds an iterate run with a different `{key}` (recorded in {state}); re-run "
-                    "it with the same settings to resume it (only `rounds` may change), or use another output_dir."
-                )
-        return
-    state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            if settings.get(key) == recorded.get(key):
+                continue
+            what = key
+            if key == "generate" and isinstance(recorded.get(key), dict):
+                old, new = recorded[key], settings[key]
+                differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                sampling = [k for k in differ if k not in KEEPS_SAMPLES]
+                if not sampling:
+                    rescored = differ
+                    continue
+                what = f"generate.{sampling[0]}"
+            raise UsageError(
+                f"{config.output_dir} holds an iterate run with a different `{what}` (recorded in {state}); re-run "
+                "it with the same settings to resume it (only `rounds` may change, and in `generate` the scoring "
+                "settings such as `reward_funcs`), or use another output_dir."
+            )
+        if not rescored:
+            return []
+    write_atomic(state, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return rescored
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -456,22 +481,35 @@ def run_round(config: IterateConfig, generate: dict[str, Any], train: dict[str, 
     timings: dict[str, float] = {}
 
     data_dir = folder / "data"
-    if (data_dir / "stats.json").is_file() and (data_dir / "dataset").is_dir():
+    path = folder / "generate.yaml"
+    settings = generate_settings(config, generate, index)
+    complete = (data_dir / "stats.json").is_file() and (data_dir / "dataset").is_dir()
+    # Finished data of other scoring settings (a re-run that changed them): rescored from its committed samples, and
+    # the training on the old scores (checkpoints included) is dropped, so that nothing resumes from it.
+    rescore = complete and path.is_file() and _read_yaml(path, "generate") != yaml_form(settings)
+    model_dir = folder / "model"
+    if rescore:
+        (data_dir / "stats.json").unlink()
+        shutil.rmtree(model_dir, ignore_errors=True)
+    if complete and not rescore:
         print(f"round {index}/{total}: generate: done already ({_short(str(data_dir), config)})", flush=True)
     else:
-        resuming = " resumes its finished chunks" if (data_dir / "chunks").is_dir() else ""
+        if rescore:
+            resuming = ": the scoring settings changed, it rescores the committed samples"
+        else:
+            resuming = " resumes its finished chunks" if (data_dir / "chunks").is_dir() else ""
         print(f"round {index}/{total}: generate (policy {policy}){resuming}", flush=True)
-        path = folder / "generate.yaml"
-        _write_yaml(path, generate_settings(config, generate, index))
+        _write_yaml(path, settings)
         start = time.perf_counter()
         run_stage(stage_command("generate", path), f"round {index}/{total}: generate")
         timings["generate_s"] = time.perf_counter() - start
 
-    model_dir = folder / "model"
     checkpoint = newest_intact_checkpoint(model_dir)
     reference = reference_of_round(config, index)
     what = f"reference {_short(reference, config)}" if reference else "reference: its own initial weights"
-    if checkpoint is not None:
+    if rescore:
+        note = "; restarts: its data was rescored"
+    elif checkpoint is not None:
         note = f"; resumes from {_short(str(checkpoint), config)}"
     elif list_checkpoints(model_dir):
         note = f"; restarts: no intact checkpoint in {_short(str(model_dir), config)}"
@@ -495,7 +533,13 @@ def run(config: IterateConfig) -> list[dict[str, Any]]:
     """Validate, then run the unfinished rounds in order; returns every round's record (also in ``rounds.json``)."""
     generate, train = generate_base(config), train_base(config)
     validate(config, generate, train)
-    check_resumable(config, generate, train)
+    rescored = check_resumable(config, generate, train)
+    if rescored:
+        print(
+            f"generate: {', '.join(f'`{key}`' for key in rescored)} changed: the unfinished rounds rescore their "
+            "committed samples, the finished rounds keep their data",
+            flush=True,
+        )
     records = []
     for index in range(1, config.rounds + 1):
         done = round_dir(config, index) / ROUND_FILE

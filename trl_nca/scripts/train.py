@@ -304,6 +304,14 @@ def load_raw_datasets(script_args: NCAScriptArguments) -> DatasetDict | Iterable
     if not name:
         raise ValueError("`dataset_name` is required: a Hub id, a local folder or a data file.")
     path = Path(name)
+    if path.is_dir() and (path / "generate_config.json").is_file():  # not a dataset: the folder around one
+        dataset = path / "dataset"
+        if dataset.is_dir():
+            raise DatasetError(f"dataset_name: {name} is a `trl-nca generate` output folder; train on {dataset}")
+        raise DatasetError(
+            f"dataset_name: {name} is a `trl-nca generate` output folder without {dataset} (its run did not finish, "
+            "or kept no prompt); re-run its `trl-nca generate` command."
+        )
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = load_from_disk(str(path))
         if isinstance(loaded, Dataset):
