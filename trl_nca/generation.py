@@ -95,6 +95,35 @@ def stop_token_ids(generation_config: Any, tokenizer: PreTrainedTokenizerBase) -
     return ids
 
 
+def load_generation_config(model_name_or_path: str | None) -> Any:
+    """The model's `generation_config.json` (its stop tokens), or `None` when it has none."""
+    from transformers import GenerationConfig
+
+    if not model_name_or_path:
+        return None
+    try:
+        return GenerationConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):
+        return None
+
+
+def vllm_request(options: SamplingOptions, num_samples: int) -> tuple[int, dict[str, Any]]:
+    """How vLLM (engine or server) is asked for `num_samples` completions of a prompt: (copies, parameters).
+
+    Greedy decoding (`do_sample=False` or a temperature below vLLM's greedy threshold) asks for one completion at
+    temperature 0, to be repeated `copies = num_samples` times (vLLM refuses several greedy samples); sampling asks
+    for all of them (`copies = 1`). `top_k=-1` is vLLM's "off"."""
+    sampling = options.do_sample and options.temperature >= _VLLM_GREEDY_BELOW
+    copies = 1 if sampling else num_samples
+    return copies, dict(
+        n=num_samples // copies,
+        temperature=options.temperature if sampling else 0.0,
+        top_p=options.top_p if sampling else 1.0,
+        top_k=options.top_k if sampling and options.top_k > 0 else -1,
+        max_tokens=options.max_new_tokens,
+    )
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
@@ -266,8 +295,6 @@ class VLLMSampler(Sampler):
             raise ImportError(
                 "backend `vllm` needs vLLM: `pip install vllm` (or use backend `transformers`)."
             ) from None
-        from transformers import GenerationConfig
-
         self.vllm = vllm
         kwargs: dict[str, Any] = dict(
             model=model_name_or_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization
@@ -282,31 +309,17 @@ class VLLMSampler(Sampler):
         self.chat_template_kwargs = chat_template_kwargs
         self.tools = tools
         self.name = name
-        try:
-            generation_config = GenerationConfig.from_pretrained(model_name_or_path)
-        except OSError:
-            generation_config = None
-        self.stop_ids = stop_token_ids(generation_config, tokenizer)
+        self.stop_ids = stop_token_ids(load_generation_config(model_name_or_path), tokenizer)
 
     def _generate(self, prompts: Sequence[Prompt], num_samples: int, seed: int) -> list[list[Sample]]:
         conversational = is_conversational({"prompt": prompts[0]})
         encoded = encode_prompts(self.tokenizer, prompts, self.tools, self.chat_template_kwargs)
-        options = self.options
-        sampling = options.do_sample and options.temperature >= _VLLM_GREEDY_BELOW
-        copies = 1 if sampling else num_samples  # greedy: the num_samples completions are one and the same
+        copies, request = vllm_request(self.options, num_samples)
         # A seed per prompt, as the server backend sends (vLLM seeds a prompt's n samples with seed, seed + 1, ...):
         # one seed for the whole chunk would make its prompts draw the same random numbers, and copies of a prompt
         # in one chunk the same K samples.
         params = [
-            self.vllm.SamplingParams(
-                n=num_samples // copies,
-                temperature=options.temperature if sampling else 0.0,
-                top_p=options.top_p if sampling else 1.0,
-                top_k=options.top_k if sampling and options.top_k > 0 else -1,
-                max_tokens=options.max_new_tokens,
-                stop_token_ids=self.stop_ids,
-                seed=keyed_seed(seed, index) % (2**31),
-            )
+            self.vllm.SamplingParams(**request, stop_token_ids=self.stop_ids, seed=keyed_seed(seed, index) % (2**31))
             for index in range(len(encoded))
         ]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)

@@ -48,7 +48,6 @@ from transformers.utils import logging
 from trl.data_utils import is_conversational
 
 from trl_nca.generation import (
-    _VLLM_GREEDY_BELOW,
     Prompt,
     Sample,
     Sampler,
@@ -56,7 +55,9 @@ from trl_nca.generation import (
     decode_sample,
     encode_prompts,
     keyed_seed,
+    load_generation_config,
     stop_token_ids,
+    vllm_request,
 )
 
 logger = logging.get_logger(__name__)
@@ -192,7 +193,7 @@ class ServerSampler(Sampler):
         self.name = name
         self.backoff_s = _BACKOFF_BASE_S if backoff_s is None else float(backoff_s)
         if stop_ids is None:
-            stop_ids = stop_token_ids(_generation_config(tokenizer), tokenizer)
+            stop_ids = stop_token_ids(load_generation_config(getattr(tokenizer, "name_or_path", None)), tokenizer)
         self.stop_ids = [int(token) for token in stop_ids]
         eos = tokenizer.eos_token_id
         self.eos_id = int(eos) if eos is not None else (self.stop_ids[0] if self.stop_ids else None)
@@ -344,16 +345,10 @@ class ServerSampler(Sampler):
             self._warned.add(key)
             logger.warning(message)
 
-    def _payloads(self, encoded: list[list[int]], n: int, seed: int) -> list[dict[str, Any]]:
-        options = self.options
-        sampling = options.do_sample and options.temperature >= _VLLM_GREEDY_BELOW
+    def _payloads(self, encoded: list[list[int]], request: dict[str, Any], seed: int) -> list[dict[str, Any]]:
         common: dict[str, Any] = dict(
             model=self.model,
-            n=n,
-            max_tokens=options.max_new_tokens,
-            temperature=options.temperature if sampling else 0.0,
-            top_p=options.top_p if sampling else 1.0,
-            top_k=options.top_k if sampling and options.top_k > 0 else -1,
+            **request,
             stop_token_ids=self.stop_ids,
             skip_special_tokens=True,
             return_token_ids=True,
@@ -370,10 +365,9 @@ class ServerSampler(Sampler):
     def _generate(self, prompts: Sequence[Prompt], num_samples: int, seed: int) -> list[list[Sample]]:
         conversational = is_conversational({"prompt": prompts[0]})
         encoded = encode_prompts(self.tokenizer, prompts, self.tools, self.chat_template_kwargs)
-        options = self.options
-        copies = 1 if options.do_sample and options.temperature >= _VLLM_GREEDY_BELOW else num_samples
-        n = num_samples // copies
-        payloads = self._payloads(encoded, n, seed)
+        copies, request = vllm_request(self.options, num_samples)
+        n = request["n"]
+        payloads = self._payloads(encoded, request, seed)
         answers = self._run_all(payloads)
         results = []
         for ids, (url, answer) in zip(encoded, answers, strict=True):
@@ -458,16 +452,3 @@ class ServerSampler(Sampler):
 
     def close(self) -> None:
         """Nothing to free: requests run on daemon threads that end with each call."""
-
-
-def _generation_config(tokenizer: PreTrainedTokenizerBase) -> Any:
-    """The `generation_config.json` next to the tokenizer (its stop tokens), or None."""
-    from transformers import GenerationConfig
-
-    path = getattr(tokenizer, "name_or_path", None)
-    if not path:
-        return None
-    try:
-        return GenerationConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
