@@ -1,12 +1,15 @@
 """Shared fixtures: everything offline, tiny models built in code, CPU-safe trainer configs."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The CLI's option-table cache (trl_nca.arguments): one per test session, never the user's.
+os.environ.setdefault("TRL_NCA_CACHE_DIR", tempfile.mkdtemp(prefix="trl-nca-test-cache-"))
 
 import pytest  # noqa: E402
 

@@ -21,16 +21,42 @@ files). Accelerate config names missing from all of these fall back to the confi
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 import os
 import shlex
 import signal
-import site
 import sys
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+# The shared helpers live in the light `trl_nca.cli_common`; importing them here keeps `trl_nca.cli.X` working.
+from trl_nca.cli_common import (  # noqa: F401
+    COMMAND_ENV,
+    RECIPES_ENV,
+    TRAINERS,
+    WATCH_PARENT_ENV,
+    DatasetError,
+    UsageError,
+    did_you_mean,
+    exit_on_interrupt,
+    exit_process,
+    failure_message,
+    hold_optional_kernel_logs,
+    interrupted_line,
+    interrupted_message,
+    normalize_argv,
+    peek_trainer,
+    peek_value,
+    quiet_warnings,
+    read_recipe,
+    recipe_dirs,
+    recipe_path,
+    release_optional_kernel_logs,
+    resolve_accelerate_config,
+    resolve_recipe,
+    restore_interrupt,
+)
 
 USAGE = """usage: trl-nca <command> [<args>]
 
@@ -43,81 +69,6 @@ commands:
   demo ...                              run the offline demo (trl-nca demo -h)
   plot ...                              plot training logs (trl-nca plot -h)
 """
-
-RECIPES_ENV = "TRL_NCA_RECIPES_DIR"
-#: Set by ``trl-nca train`` for multi-process launches: each training process exits when the launcher is gone.
-WATCH_PARENT_ENV = "TRL_NCA_WATCH_PARENT"
-#: The ``trl-nca train`` arguments, so that a training process can print the command that resumes the run.
-COMMAND_ENV = "TRL_NCA_COMMAND"
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or the recipe: printed as one line, exit status 2, no traceback."""
-
-
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """`` (did you mean `x`?)`` for the known name closest to ``name`` (one extends the other, or they are spelled
-    alike), else an empty string."""
-    known = list(known)
-    extending = [k for k in known if len(k) > 3 and (name.startswith(k) or k.startswith(name))]
-    if extending:
-        return f" (did you mean `{min(extending, key=lambda k: abs(len(k) - len(name)))}`?)"
-    match = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-    return f" (did you mean `{match[0]}`?)" if match else ""
-
-
-def recipe_dirs() -> list[Path]:
-    """Folders searched for bundled recipes, in priority order (only those that exist)."""
-    candidates = []
-    if os.environ.get(RECIPES_ENV):
-        candidates.append(Path(os.environ[RECIPES_ENV]))
-    candidates.append(Path(__file__).resolve().parent.parent / "recipes")
-    candidates.append(Path(sys.prefix) / "share" / "trl-nca" / "recipes")
-    candidates.append(Path(site.getuserbase()) / "share" / "trl-nca" / "recipes")  # pip install --user
-    return [path for path in candidates if path.is_dir()]
-
-
-def resolve_recipe(name: str | os.PathLike) -> Path:
-    """A recipe path: ``name`` itself when it is a file, else ``name`` (or ``name.yaml``) in a bundled recipes dir."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for folder in recipe_dirs():
-        for candidate in (folder / path, folder / path.with_name(path.name + ".yaml")):
-            if candidate.is_file():
-                return candidate
-    searched = ", ".join(str(folder) for folder in recipe_dirs()) or "no recipes folder found"
-    bundled = [str(p.relative_to(d).with_suffix("")) for d in recipe_dirs() for p in d.rglob("*.yaml")]
-    raise UsageError(
-        f"Recipe {name!s} is neither a file nor a bundled recipe{did_you_mean(str(path.with_suffix('')), bundled)} "
-        f"(searched: {searched})."
-    )
-
-
-def resolve_accelerate_config(name: str | os.PathLike) -> Path:
-    """An accelerate config path: ``name`` itself when it is a file, else a bundled ``NAME.yaml``.
-
-    Bundled names come from ``recipes/accelerate_configs`` (see the module docstring for where that is looked up),
-    then from TRL's own ``trl/accelerate_configs``.
-    """
-    path = Path(name)
-    if path.is_file():
-        return path
-    filename = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    for folder in recipe_dirs():
-        candidate = folder / "accelerate_configs" / filename
-        if candidate.is_file():
-            return candidate
-    import importlib.resources as resources
-
-    trl_candidate = resources.files("trl.accelerate_configs").joinpath(filename)
-    if trl_candidate.is_file():
-        return Path(str(trl_candidate))
-    bundled = sorted({p.stem for folder in recipe_dirs() for p in (folder / "accelerate_configs").glob("*.yaml")})
-    raise UsageError(
-        f"Accelerate config {name!s} is neither a file nor a bundled config{did_you_mean(path.stem, bundled)} "
-        f"(bundled: {', '.join(bundled) or 'none'})."
-    )
 
 
 def _remove_subsequence(tokens: Sequence[str], subsequence: Sequence[str]) -> list[str]:
@@ -156,64 +107,94 @@ def _accelerate_options() -> dict[str, bool]:
     }
 
 
-def _split_launcher_flags(unknown: Sequence[str], script_options: Iterable[str]) -> list[str]:
-    """The ``accelerate launch`` flags among the tokens the training script does not know; a `UsageError` for any
-    other token, with the closest known flag. Flags must be spelled out (no abbreviations)."""
-    accelerate = _accelerate_options()
-    flags, index = [], 0
-    while index < len(unknown):
-        token = unknown[index]
-        name = token.split("=", 1)[0]
-        if name not in accelerate:
-            hint = did_you_mean(name, [*script_options, *accelerate]) if name.startswith("--") else ""
-            what = "flag" if name.startswith("--") else "argument"
-            raise UsageError(f"unknown {what} `{name}`{hint}. See `trl-nca train RECIPE --help` for the flags.")
-        flags.append(token)
-        index += 1
-        if accelerate[name] and "=" not in token and index < len(unknown) and not unknown[index].startswith("--"):
-            flags.append(unknown[index])
-            index += 1
-    return flags
+#: Appended to an unknown recipe key's error by `trl-nca train`.
+RECIPE_KEYS_HINT = (
+    " Recipe keys are fields of the script arguments, the trainer config or trl.ModelConfig (launcher options belong "
+    "in the accelerate config)."
+)
 
 
-def build_launch_arguments(argv: Sequence[str]) -> tuple[list[str], list[str], str]:
-    """Split ``trl-nca train`` arguments into (``accelerate launch`` arguments, training-script arguments, output dir).
+def check_train_sources(script_argv: Sequence[str]) -> None:
+    """The training script's checks of the policy, reference, dataset and output folder
+    (`trl_nca.sources.check_train_sources`), on the values the recipe and flags give, before the training starts."""
+    import json
 
-    The recipe and the flags are checked against the training script's parser (without building the configs, so no
-    distributed state is created in the launcher): unknown recipe keys, unknown flags and bad values raise a
-    `UsageError`; ``accelerate launch`` options pass through; ``accelerate_config``/``num_processes`` become
-    ``--config_file``/``--num_processes``. The recipe's ``env:`` mapping is exported so that the launcher and every
-    process see it.
-    """
-    from trl_nca.scripts.train import make_parser, normalize_argv, peek_trainer, read_recipe
+    from trl_nca import sources
 
-    if not argv:
-        raise UsageError("no recipe given: usage: trl-nca train RECIPE [--flag value ...] (`trl-nca train RECIPE -h`)")
-    script_argv = normalize_argv(argv)
-    parser = make_parser(peek_trainer(script_argv), prog="trl-nca train")
-    if "-h" in script_argv or "--help" in script_argv:
-        parser.print_help()
-        raise SystemExit(0)
-    recipe = read_recipe(script_argv)
+    init_kwargs = peek_value(script_argv, "model_init_kwargs") or {}
+    if isinstance(init_kwargs, str):
+        try:
+            init_kwargs = json.loads(init_kwargs)
+        except ValueError:
+            init_kwargs = {}
+    sources.check_train_sources(
+        peek_value(script_argv, "model_name_or_path"),
+        peek_value(script_argv, "ref_model_name_or_path"),
+        peek_value(script_argv, "dataset_name"),
+        peek_value(script_argv, "output_dir"),
+        cache_dir=init_kwargs.get("cache_dir") if isinstance(init_kwargs, dict) else None,
+        streaming=str(peek_value(script_argv, "dataset_streaming", False)).lower() in ("true", "yes", "t", "y", "1"),
+    )
+
+
+def _export_recipe_env(recipe: dict) -> None:
+    """Export the recipe's ``env:`` mapping (removed from `recipe`), so that the launcher and every process see it."""
     env = recipe.pop("env", None) or {}
     if not isinstance(env, dict):
         raise UsageError("The recipe's `env` must be a mapping of environment variables.")
     for key, value in env.items():
         os.environ[str(key)] = str(value)
+
+
+def _parse_with_full_parser(script_argv: list[str], trainer: str, helping: bool) -> tuple[Any, list[str]]:
+    """(namespace, launcher flags) from the training script's own parser (the trainer configs: torch and
+    transformers are imported); its option table is cached for the next command (`trl_nca.arguments.OptionTable`)."""
+    from trl_nca.arguments import OptionTable, parse_known_flags, split_launcher_flags
+    from trl_nca.scripts.train import make_parser
+
+    parser = make_parser(trainer, prog="trl-nca train")
+    launcher_options = _accelerate_options()
+    OptionTable.from_parser(parser, launcher_options).save(f"train-{trainer}")
+    if helping:
+        parser.print_help()
+        raise SystemExit(0)
+    recipe = read_recipe(script_argv)
+    _export_recipe_env(recipe)
     unknown_keys = parser.set_defaults_with_config(**recipe)
     if unknown_keys:
         key = unknown_keys[0].lstrip("-")
         raise UsageError(
-            f"unknown key `{key}` in the recipe {script_argv[script_argv.index('--config') + 1]}"
-            f"{did_you_mean(key, parser.field_names())}. Recipe keys are fields of the script arguments, the trainer "
-            "config or trl.ModelConfig (launcher options belong in the accelerate config)."
+            f"unknown key `{key}` in the recipe {recipe_path(script_argv)}{did_you_mean(key, parser.field_names())}."
+            + RECIPE_KEYS_HINT
         )
-    parse_argv = list(script_argv)
-    if "--config" in parse_argv:
-        index = parse_argv.index("--config")
-        del parse_argv[index : index + 2]
-    namespace, unknown = parser.parse_known_args(parse_argv)
-    launcher_flags = _split_launcher_flags(unknown, parser.option_names())
+    namespace, unknown = parse_known_flags(parser, script_argv, recipe)
+    return namespace, split_launcher_flags(unknown, parser.option_names(), launcher_options)
+
+
+def build_launch_arguments(argv: Sequence[str]) -> tuple[list[str], list[str], str]:
+    """Split ``trl-nca train`` arguments into (``accelerate launch`` arguments, training-script arguments, output dir).
+
+    The recipe and the flags are checked as the training script's parser checks them (without building the configs,
+    so no distributed state is created in the launcher): unknown recipe keys, unknown flags and bad values raise a
+    `UsageError`; ``accelerate launch`` options pass through; ``accelerate_config``/``num_processes`` become
+    ``--config_file``/``--num_processes``. The recipe's ``env:`` mapping is exported so that the launcher and every
+    process see it. The check uses the option table cached by the last full parse of this trainer's arguments
+    (`trl_nca.arguments.OptionTable`: no torch, no transformers); without one, the full parser (which caches it).
+    """
+    if not argv:
+        raise UsageError("no recipe given: usage: trl-nca train RECIPE [--flag value ...] (`trl-nca train RECIPE -h`)")
+    from trl_nca.arguments import OptionTable
+
+    script_argv = normalize_argv(argv)
+    helping = "-h" in script_argv or "--help" in script_argv
+    trainer = peek_trainer(script_argv)
+    table = None if helping else OptionTable.load(f"train-{trainer}")
+    if table is None:
+        namespace, launcher_flags = _parse_with_full_parser(script_argv, trainer, helping)
+    else:
+        recipe = read_recipe(script_argv)
+        _export_recipe_env(recipe)
+        namespace, launcher_flags = table.parse(script_argv, recipe, unknown_key_hint=RECIPE_KEYS_HINT)
 
     launch_args: list[str] = []
     if namespace.accelerate_config:
@@ -272,6 +253,24 @@ def train(argv: Sequence[str]) -> int:
     launch_args = [*launch_args, "--module", "trl_nca.scripts.train", *script_args]
     os.environ[COMMAND_ENV] = shlex.join(["trl-nca", "train", *argv])
     args, defaults, _ = _validated_launch(launch_args)
+    machines = int(args.num_machines or 1)
+    if machines > 1:  # what accelerate would get wrong silently, or only after a rendezvous timeout
+        processes, rank = int(args.num_processes or 0), args.machine_rank
+        if _is_single_process(args, defaults):
+            raise UsageError(
+                f"a run on {machines} machines needs a distributed accelerate config (DeepSpeed, FSDP or multi-GPU, "
+                "e.g. --accelerate_config multinode_zero3); this one starts a single process."
+            )
+        if processes < machines or processes % machines:
+            raise UsageError(
+                f"--num_processes {processes} is the total over the {machines} machines: give a multiple of "
+                f"{machines} (e.g. {machines * 8} for {machines} machines of 8 GPUs)."
+            )
+        if not args.main_process_ip:
+            raise UsageError(f"a run on {machines} machines needs --main_process_ip: the address of machine 0.")
+        if rank is None or not 0 <= int(rank) < machines:
+            raise UsageError(f"--machine_rank {rank} is not a machine of this run: give 0 .. {machines - 1}.")
+    check_train_sources(script_args)  # what the arguments name: before the training processes import anything
     if _is_single_process(args, defaults):
         from accelerate.utils import prepare_simple_launcher_cmd_env
 
@@ -286,119 +285,41 @@ def train(argv: Sequence[str]) -> int:
     # torchrun's agent logs each signal it relays and each worker it stops; the outcome is reported below in one line.
     import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
 
+    from trl_nca import default_deepspeed_accelerator
+
+    default_deepspeed_accelerator()  # accelerate's DeepSpeed launcher imports DeepSpeed in this process
+
     for name in ["accelerate.commands.launch", *logging.root.manager.loggerDict]:
         if name.startswith(("accelerate.commands.launch", "torch.distributed.elastic", "torch.distributed.run")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    restore_interrupt()  # the launcher relays an interruption to the processes and reports it below
     try:
         launch_command(_launch_parser().parse_args(launch_args))
     except KeyboardInterrupt:
-        print(interrupted_message(output_dir), file=sys.stderr)
+        print(interrupted_message(output_dir, machines), file=sys.stderr)
         return 130
     except SystemExit as error:  # accelerate >= 1.16 turns an interruption into exit 130 / 128 + signal
         if not isinstance(error.code, int) or error.code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
             raise
-        print(interrupted_message(output_dir), file=sys.stderr)
+        print(interrupted_message(output_dir, machines), file=sys.stderr)
         return error.code
     except Exception as error:  # torchrun's ChildFailedError, and SignalException before accelerate 1.16
         name = type(error).__name__
         if name == "SignalException":
-            print(interrupted_message(output_dir), file=sys.stderr)
+            print(interrupted_message(output_dir, machines), file=sys.stderr)
             return 128 + int(getattr(error, "sigval", signal.SIGINT))
         if name != "ChildFailedError":
             raise
         codes = {failure.exitcode for failure in getattr(error, "failures", {}).values()}
         if codes == {2}:  # a user error, already printed by the training process (rank 0)
             return 2
-        print(failure_message(error, output_dir), file=sys.stderr)
+        print(failure_message(error, output_dir, machines), file=sys.stderr)
         return 1
     return 0
 
 
-def _last_checkpoint_text(output_dir: str | None) -> str:
-    from trl_nca.checkpoints import newest_intact_checkpoint
-
-    checkpoint = newest_intact_checkpoint(output_dir) if output_dir else None
-    if checkpoint is None:
-        return f"no checkpoint in {output_dir} to resume from"
-    command = os.environ.get(COMMAND_ENV, "trl-nca train RECIPE")
-    if "--resume_from_checkpoint" not in command:
-        command += " --resume_from_checkpoint last"
-    return f"last checkpoint: {checkpoint}; resume with: {command}"
-
-
-def interrupted_message(output_dir: str | None) -> str:
-    """The one line printed when a run is interrupted: where the last checkpoint is and how to resume."""
-    return f"trl-nca train: interrupted; {_last_checkpoint_text(output_dir)}"
-
-
-def failure_message(error: Exception, output_dir: str | None) -> str:
-    """One line for a training process that died (killed, out of memory, ...), from torchrun's ChildFailedError: the
-    first process that failed (the others are stopped after it)."""
-    failures = getattr(error, "failures", None)
-    if failures:
-        rank, failure = error.get_first_failure()
-        code = failure.exitcode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        what = f"training process rank {rank} (pid {failure.pid}) {how}"
-    else:
-        what = f"a training process failed ({error})"
-    return f"trl-nca train: {what}; the run stopped; {_last_checkpoint_text(output_dir)}"
-
-
-#: Libraries whose FutureWarning/DeprecationWarning are noise to a `trl-nca train` user: they come from code the user
-#: does not call (e.g. transformers' ``gradient_checkpointing`` -> ``activation_checkpointing`` rename, which TRL's
-#: own defaults and internals trigger on every run).
-QUIET_MODULES = (
-    r"(transformers|trl|trl_nca|accelerate|torch|peft|deepspeed|datasets|bitsandbytes|huggingface_hub|safetensors)"
-    r"(\.|$)"
-)
-
-
-def quiet_warnings() -> None:
-    """Hide the FutureWarning/DeprecationWarning that the libraries `trl-nca train` drives raise about their own
-    internals (`QUIET_MODULES`), in this process only (the training script calls it too). Warnings from the user's
-    code (``--callbacks``) still show, and ``-W``/``PYTHONWARNINGS`` turn this off."""
-    import warnings
-
-    if sys.warnoptions:
-        return
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
-
-
-#: Loggers that speak when bitsandbytes is imported (peft and TRL import it whenever it is installed): on a CPU with
-#: AVX512-BF16 it tries to fetch a 4-bit kernel from the Hub and warns when it cannot. Only 4-bit runs care.
-OPTIONAL_KERNEL_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
-
-
-class _HeldRecords(logging.Filter):
-    """Keeps a logger's records back (instead of printing them) until `release_optional_kernel_logs`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.records.append(record)
-        return False
-
-
-def hold_optional_kernel_logs() -> None:
-    """Hold back what `OPTIONAL_KERNEL_LOGGERS` log from now on; call before TRL/peft are imported."""
-    for name in OPTIONAL_KERNEL_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(held, _HeldRecords) for held in logger.filters):
-            logger.addFilter(_HeldRecords())
-
-
-def release_optional_kernel_logs(show: bool) -> None:
-    """Stop holding `OPTIONAL_KERNEL_LOGGERS` back; print what they logged meanwhile when `show` (a quantized run)."""
-    for name in OPTIONAL_KERNEL_LOGGERS:
-        logger = logging.getLogger(name)
-        for held in [held for held in logger.filters if isinstance(held, _HeldRecords)]:
-            logger.removeFilter(held)
-            for record in held.records if show else []:
-                logger.handle(record)
+#: The verbs of ``trl-nca``.
+COMMANDS = ("train", "generate", "iterate", "demo", "plot")
 
 
 def _dispatch(module_name: str, argv: Sequence[str]) -> int:
@@ -424,12 +345,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trl-nca {__version__}")
         return 0
     command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(
+            f"trl-nca: unknown command `{command}`{did_you_mean(command, COMMANDS)}; the commands are "
+            f"{', '.join(COMMANDS)} (`trl-nca --help`).",
+            file=sys.stderr,
+        )
+        return 2
+    if argv is None:  # the console script: Ctrl-C during the start-up ends it with one line (`exit_on_interrupt`)
+        exit_on_interrupt(lambda: interrupted_line(command, rest))
+    try:
+        status = _run_command(command, rest)
+    except KeyboardInterrupt:  # during the start-up; later each command prints the same line itself
+        print(interrupted_line(command, rest), file=sys.stderr)
+        status = 130
+    if argv is None and status == 130:  # the console script: see `exit_process`
+        exit_process(status)
+    return status
+
+
+def _run_command(command: str, rest: list[str]) -> int:
     hold_optional_kernel_logs()  # dropped here; a training process shows its own for quantized runs
     if command == "train":
         quiet_warnings()
         try:
             return train(rest)
-        except UsageError as error:
+        except (UsageError, DatasetError) as error:
             print(f"trl-nca train: error: {error}", file=sys.stderr)
             return 2
     if command == "generate":
@@ -438,10 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch("trl_nca.scripts.iterate", rest)
     if command == "demo":
         return _dispatch("trl_nca.demo.run", rest)
-    if command == "plot":
-        return _dispatch("trl_nca.plotting", rest)
-    print(f"trl-nca: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
-    return 2
+    return _dispatch("trl_nca.plotting", rest)
 
 
 if __name__ == "__main__":

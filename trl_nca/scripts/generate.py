@@ -14,8 +14,12 @@ import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
 
-from trl_nca.config import RewardDataConfig
-from trl_nca.scripts.train import ScriptParser, normalize_argv
+from trl_nca.arguments import ScriptParser
+from trl_nca.cli_common import GENERATE_INTERRUPTED, exit_on_interrupt, exit_process, normalize_argv
+
+if __name__ == "__main__":  # e.g. under `accelerate launch`: Ctrl-C while importing is one line too
+    exit_on_interrupt(GENERATE_INTERRUPTED)
+from trl_nca.generate_config import RewardDataConfig
 
 
 def make_parser(prog: str | None = "trl-nca generate") -> ScriptParser:
@@ -25,7 +29,7 @@ def make_parser(prog: str | None = "trl-nca generate") -> ScriptParser:
 
 def parse_args(argv: Sequence[str]) -> RewardDataConfig:
     """Parse ``[CONFIG.yaml] [--flag value ...]``; a mistake is a `trl_nca.cli.UsageError` naming the closest key."""
-    from trl_nca.cli import UsageError
+    from trl_nca.cli_common import UsageError
 
     args = normalize_argv(argv)
     if not args:
@@ -38,11 +42,11 @@ def parse_args(argv: Sequence[str]) -> RewardDataConfig:
 
 def load_prompts(config: RewardDataConfig):
     """The prompt split as a `datasets.Dataset`, from any source `trl-nca train --dataset_name` reads."""
-    from trl_nca.data import DatasetError
-    from trl_nca.scripts.train import load_raw_datasets
+    from trl_nca.cli_common import DatasetError
+    from trl_nca.sources import load_raw_datasets
 
     if not config.dataset_name:
-        from trl_nca.cli import UsageError
+        from trl_nca.cli_common import UsageError
 
         raise UsageError("`dataset_name` is required: the prompts (a Hub id, a folder or a data file).")
     source = SimpleNamespace(
@@ -106,40 +110,59 @@ def _only_our_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
+#: The user errors of the generate stages, each with the module that defines it: printed as one line, exit status 2.
+_STAGE_ERRORS = (
+    ("trl_nca.reward_data", "ResumeError"),
+    ("trl_nca.reward_data", "NoPromptKeptError"),
+    ("trl_nca.scoring", "RewardFunctionError"),
+    ("trl_nca.server", "ServerError"),
+)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exception types that are the user's mistakes: the CLI's, and those of the stages imported so far (an
+    error can only come from a module that was imported, so the heavy ones are not imported here)."""
+    from trl_nca.cli_common import DatasetError, UsageError
+
+    loaded = [getattr(sys.modules[module], name) for module, name in _STAGE_ERRORS if module in sys.modules]
+    return (UsageError, DatasetError, *loaded)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``trl-nca generate``; returns the exit status (2 for a user error, printed as one line)."""
-    from accelerate import PartialState
+    """Run ``trl-nca generate``; returns the exit status (2 for a user error, printed as one line).
 
-    from trl_nca.cli import UsageError, quiet_warnings
-    from trl_nca.data import DatasetError
-    from trl_nca.reward_data import NoPromptKeptError, ResumeError, build_reward_dataset
-    from trl_nca.scoring import RewardFunctionError
-    from trl_nca.server import ServerError
+    The command line and the config are checked before torch, transformers or vLLM are imported, so a mistake is
+    reported at once."""
+    from trl_nca.cli_common import hold_optional_kernel_logs, is_main_process, quiet_warnings, restore_interrupt
 
+    hold_optional_kernel_logs()  # bitsandbytes' optional 4-bit kernel: generate does not quantize
     quiet_warnings()
-    _only_our_progress_bars()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         make_parser().print_help()
         return 0
     try:
         config = parse_args(argv)
+        from trl_nca.sources import check_generate_sources  # light: a missing path is one line before torch loads
+
+        check_generate_sources(config)
+        from trl_nca.reward_data import build_reward_dataset
+
+        _only_our_progress_bars()
         prompts = load_prompts(config)
+        restore_interrupt()  # from here on chunks are committed: an interruption is handled below
         _, stats = build_reward_dataset(config, prompts)
-    except (UsageError, DatasetError, ResumeError, RewardFunctionError, NoPromptKeptError, ServerError) as error:
-        if PartialState().is_main_process:
+    except KeyboardInterrupt:
+        print(GENERATE_INTERRUPTED, file=sys.stderr)
+        return 130
+    except user_errors() as error:
+        if is_main_process():
             print(f"trl-nca generate: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "trl-nca generate: interrupted; the finished chunks are kept, re-run the same command to resume.",
-            file=sys.stderr,
-        )
-        return 130
     if stats:
         print(summary(stats, config.output_dir, config.min_completions))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -29,7 +29,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from trl_nca.scripts.train import ScriptParser, normalize_argv
+from trl_nca.arguments import ScriptParser
+from trl_nca.cli_common import (
+    ITERATE_INTERRUPTED,
+    exit_on_interrupt,
+    exit_process,
+    normalize_argv,
+    read_yaml_mapping,
+    restore_interrupt,
+)
+
+if __name__ == "__main__":  # Ctrl-C while importing is one line too
+    exit_on_interrupt(ITERATE_INTERRUPTED)
 
 REFERENCES = ("previous", "initial")
 #: Keys of the generate config that iterate sets in every round (``seed`` is the base of the per-round seeds).
@@ -139,33 +150,13 @@ def make_parser(prog: str | None = "trl-nca iterate") -> ScriptParser:
 
 def parse_args(argv: Sequence[str]) -> IterateConfig:
     """Parse ``[CONFIG.yaml] [--flag value ...]``; a mistake is a `trl_nca.cli.UsageError` naming the closest key."""
-    from trl_nca.cli import UsageError
+    from trl_nca.cli_common import UsageError
 
     args = normalize_argv(argv)
     if not args:
         raise UsageError("no config given: usage: trl-nca iterate CONFIG.yaml [--flag value ...] (-h for the fields)")
     (config,) = make_parser().parse_strictly(args, what="config")
     return config
-
-
-def _read_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """The YAML mapping in `path`; a `UsageError` naming `what` when it is missing or not a mapping."""
-    import yaml
-
-    from trl_nca.cli import UsageError
-
-    try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise UsageError(f"{what}: the file {path} does not exist.") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"{what}: {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(f"{what}: {path} must contain a YAML mapping, got {type(data).__name__}.")
-    return data
 
 
 def _split_base(value: dict[str, Any] | str, base_key: str) -> tuple[str | None, dict[str, Any]]:
@@ -177,7 +168,7 @@ def _split_base(value: dict[str, Any] | str, base_key: str) -> tuple[str | None,
 
 
 def _refuse_keys(overrides: dict[str, Any], keys: Sequence[str], section: str) -> None:
-    from trl_nca.cli import UsageError
+    from trl_nca.cli_common import UsageError
 
     for key in keys:
         if key in overrides:
@@ -187,12 +178,12 @@ def _refuse_keys(overrides: dict[str, Any], keys: Sequence[str], section: str) -
 
 def generate_base(config: IterateConfig) -> dict[str, Any]:
     """The generate settings shared by all rounds: the YAML (if any) updated with the mapping, keys checked."""
-    from trl_nca.cli import UsageError, did_you_mean
-    from trl_nca.config import RewardDataConfig
+    from trl_nca.cli_common import UsageError, did_you_mean
+    from trl_nca.generate_config import RewardDataConfig
 
     path, overrides = _split_base(config.generate, "config")
     _refuse_keys(overrides, GENERATE_KEYS_SET, "generate")
-    settings = _read_yaml(path, "generate") if path else {}
+    settings = read_yaml_mapping(path, "generate:") if path else {}
     settings.update(overrides)
     known = [f.name for f in fields(RewardDataConfig)]
     for key in settings:
@@ -204,11 +195,11 @@ def generate_base(config: IterateConfig) -> dict[str, Any]:
 
 def train_base(config: IterateConfig) -> dict[str, Any]:
     """The train settings shared by all rounds: the recipe (if any) updated with the mapping, PEFT refused."""
-    from trl_nca.cli import UsageError, resolve_recipe
+    from trl_nca.cli_common import UsageError, resolve_recipe
 
     name, overrides = _split_base(config.train, "recipe")
     _refuse_keys(overrides, TRAIN_KEYS_SET, "train")
-    settings = _read_yaml(resolve_recipe(name), "train") if name else {}
+    settings = read_yaml_mapping(resolve_recipe(name), "train:") if name else {}
     settings.update(overrides)
     if "eval_strategy" not in overrides:  # the generated data has no test split
         settings["eval_strategy"] = "no"
@@ -298,10 +289,26 @@ def _write_yaml(path: Path, settings: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _where_in_iterate(message: str, section: str, written: Path, value: dict[str, Any] | str) -> str:
+    """A stage parser's error about the config `validate` wrote for it (`written`), said of what the user wrote: the
+    key in the iterate config's `section` mapping, or in the base file that mapping names."""
+    import re
+
+    match = re.match(rf"^(?:recipe|config) {re.escape(str(written))}: key `(\w+)`: (.*)$", message, re.DOTALL)
+    if not match:
+        return f"{section}: {message}"
+    key, reason = match.groups()
+    base, overrides = _split_base(value, "recipe" if section == "train" else "config")
+    if key in overrides or base is None:
+        return f"{section}.{key}: {reason}"
+    return f"{section}: {base}: key `{key}`: {reason}"
+
+
 def validate(config: IterateConfig, generate: dict[str, Any], train: dict[str, Any]) -> None:
     """Check round 1's two configs with the stages' own parsers (in this process, nothing loaded), so that a typo
     or a bad value fails before any stage starts; a `UsageError` names the section."""
-    from trl_nca.cli import UsageError, build_launch_arguments
+    from trl_nca.cli import build_launch_arguments
+    from trl_nca.cli_common import UsageError
     from trl_nca.scripts import generate as generate_script
 
     with tempfile.TemporaryDirectory(prefix="trl-nca-iterate-") as folder:
@@ -311,12 +318,12 @@ def validate(config: IterateConfig, generate: dict[str, Any], train: dict[str, A
         try:
             generate_script.parse_args([str(generate_path)])
         except UsageError as error:
-            raise UsageError(f"generate: {error}") from None
+            raise UsageError(_where_in_iterate(str(error), "generate", generate_path, config.generate)) from None
         environment = dict(os.environ)  # the recipe's `env:` is exported by the train stage itself
         try:
             build_launch_arguments([str(train_path)])
         except UsageError as error:
-            raise UsageError(f"train: {error}") from None
+            raise UsageError(_where_in_iterate(str(error), "train", train_path, config.train)) from None
         finally:
             os.environ.clear()
             os.environ.update(environment)
@@ -329,7 +336,7 @@ def check_resumable(config: IterateConfig, generate: dict[str, Any], train: dict
     keeps its committed samples across (the scoring settings: ``reward_funcs``, ``reward_weights``,
     ``min_completions``, ...): those are recorded anew and returned (sorted), so the unfinished rounds rescore their
     samples; the finished rounds keep their data."""
-    from trl_nca.cli import UsageError
+    from trl_nca.cli_common import UsageError
     from trl_nca.reward_data import KEEPS_SAMPLES, write_atomic
 
     settings = {**{k: v for k, v in asdict(config).items() if k != "rounds"}, "generate": generate, "train": train}
@@ -486,7 +493,7 @@ def run_round(config: IterateConfig, generate: dict[str, Any], train: dict[str, 
     complete = (data_dir / "stats.json").is_file() and (data_dir / "dataset").is_dir()
     # Finished data of other scoring settings (a re-run that changed them): rescored from its committed samples, and
     # the training on the old scores (checkpoints included) is dropped, so that nothing resumes from it.
-    rescore = complete and path.is_file() and _read_yaml(path, "generate") != yaml_form(settings)
+    rescore = complete and path.is_file() and read_yaml_mapping(path, "generate:") != yaml_form(settings)
     model_dir = folder / "model"
     if rescore:
         (data_dir / "stats.json").unlink()
@@ -533,6 +540,7 @@ def run(config: IterateConfig) -> list[dict[str, Any]]:
     """Validate, then run the unfinished rounds in order; returns every round's record (also in ``rounds.json``)."""
     generate, train = generate_base(config), train_base(config)
     validate(config, generate, train)
+    restore_interrupt()  # the checks imported torch; from here on the stages run and an interruption is handled
     rescored = check_resumable(config, generate, train)
     if rescored:
         print(
@@ -556,7 +564,7 @@ def run(config: IterateConfig) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``trl-nca iterate``; returns the exit status: 2 for a user error (one line), a failed stage's own status
     (with one line naming the round and the stage), 130 when interrupted."""
-    from trl_nca.cli import UsageError, quiet_warnings
+    from trl_nca.cli_common import UsageError, quiet_warnings
 
     quiet_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -574,11 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trl-nca iterate: error: {error}; re-run the same command to resume.", file=sys.stderr)
         return error.status
     except (KeyboardInterrupt, _Terminated) as error:
-        print(
-            "trl-nca iterate: interrupted; finished rounds, generate chunks and checkpoints are kept, re-run the "
-            "same command to resume.",
-            file=sys.stderr,
-        )
+        print(ITERATE_INTERRUPTED, file=sys.stderr)
         return 143 if isinstance(error, _Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -588,4 +592,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

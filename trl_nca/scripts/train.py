@@ -17,36 +17,52 @@ parser is built. Unknown keys and flags are errors.
 
 from __future__ import annotations
 
-import glob
 import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trl_nca.cli import hold_optional_kernel_logs, release_optional_kernel_logs
+from trl_nca.cli_common import (
+    TRAINERS,
+    WATCH_PARENT_ENV,
+    DatasetError,
+    UsageError,
+    did_you_mean,
+    exit_on_interrupt,
+    exit_process,
+    hold_optional_kernel_logs,
+    interrupted_line,
+    interrupted_message,
+    is_main_process,
+    normalize_argv,
+    peek_trainer,
+    quiet_warnings,
+    release_optional_kernel_logs,
+    restore_interrupt,
+)
 
+if __name__ == "__main__":  # started by `trl-nca train`: Ctrl-C while importing torch and TRL is one line too
+    exit_on_interrupt(lambda: interrupted_line("train", sys.argv[1:]))
 hold_optional_kernel_logs()  # before trl imports peft and bitsandbytes: see `_quiet_optional_imports`
 
-from trl import ModelConfig, ScriptArguments, TrlParser  # noqa: E402
+from trl import ModelConfig, ScriptArguments  # noqa: E402
 
-from trl_nca.data import DatasetError  # noqa: E402
+from trl_nca.arguments import ScriptParser  # noqa: E402
+from trl_nca.sources import (  # noqa: E402
+    check_local_path,
+    check_train_sources,
+    load_model_config,
+    load_raw_datasets,
+)
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict, IterableDatasetDict
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
-#: Trainer name (YAML key ``trainer``) -> (config class, trainer class), both looked up in ``trl_nca``.
-TRAINERS: dict[str, tuple[str, str]] = {
-    "nca": ("NCAConfig", "NCATrainer"),
-    "infonca": ("InfoNCAConfig", "InfoNCATrainer"),
-    "listwise": ("ListwiseConfig", "ListwiseTrainer"),
-}
 
 #: ``dataset_format`` -> name of the row converter in ``trl_nca.converters`` (``None``: the trainers read it as is).
 DATASET_FORMATS: dict[str, str | None] = {
@@ -68,8 +84,6 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 #: Keys that only ``trl-nca train`` uses (to build the ``accelerate launch`` command); the script itself ignores them.
 LAUNCHER_KEYS = ("accelerate_config", "num_processes")
-
-_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
 @dataclass
@@ -173,113 +187,6 @@ def get_trainer_class(trainer: str) -> type:
     return getattr(trainer_module, TRAINERS[trainer][1])
 
 
-def normalize_argv(argv: Sequence[str]) -> list[str]:
-    """Turn ``CONFIG.yaml [flags]`` into ``--config CONFIG.yaml [flags]``; resolve bundled recipe names.
-
-    A leading positional argument is the recipe: a path, or a name relative to the bundled ``recipes/`` folder
-    (``mistral-7b/nca_reward_qlora``, with or without ``.yaml``).
-    """
-    from trl_nca.cli import resolve_recipe
-
-    args = list(argv)
-    if args and not args[0].startswith("-"):
-        args = ["--config", str(resolve_recipe(args[0]))] + args[1:]
-    elif "--config" in args:
-        index = args.index("--config")
-        if index + 1 >= len(args):
-            from trl_nca.cli import UsageError
-
-            raise UsageError("Expected a path after `--config`.")
-        args[index + 1] = str(resolve_recipe(args[index + 1]))
-    return args
-
-
-def read_recipe(argv: Sequence[str]) -> dict[str, Any]:
-    """The YAML mapping named by ``--config`` in ``argv`` (``{}`` when there is none)."""
-    import yaml
-
-    args = list(argv)
-    if "--config" not in args:
-        return {}
-    path = args[args.index("--config") + 1]
-    try:
-        with open(path) as handle:
-            recipe = yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        from trl_nca.cli import UsageError
-
-        raise UsageError(f"Recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        from trl_nca.cli import UsageError
-
-        raise UsageError(f"Recipe {path} must contain a YAML mapping, got {type(recipe).__name__}.")
-    return recipe
-
-
-def peek_trainer(argv: Sequence[str]) -> str:
-    """The trainer name from ``--trainer X`` / ``--trainer=X`` on the command line, else the recipe's ``trainer:``."""
-    args = list(argv)
-    for index, token in enumerate(args):
-        if token == "--trainer" and index + 1 < len(args):
-            name = args[index + 1]
-            break
-        if token.startswith("--trainer="):
-            name = token.split("=", 1)[1]
-            break
-    else:
-        name = read_recipe(args).get("trainer", "nca")
-    if name not in TRAINERS:
-        from trl_nca.cli import UsageError, did_you_mean
-
-        raise UsageError(f"Unknown trainer {name!r}{did_you_mean(name, TRAINERS)}: choose one of {sorted(TRAINERS)}.")
-    return name
-
-
-class ScriptParser(TrlParser):
-    """`TrlParser` for the CLI: flags must be spelled out (no prefixes: ``--max_step`` is not ``--max_steps``) and a
-    parse error raises `trl_nca.cli.UsageError` (one line, exit status 2) instead of printing the whole usage."""
-
-    def __init__(self, dataclass_types, **kwargs):
-        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
-
-    def error(self, message: str):
-        from trl_nca.cli import UsageError
-
-        raise UsageError(message)
-
-    def field_names(self) -> list[str]:
-        """Every recipe key: the dataclass fields."""
-        return [action.dest for action in self._actions if action.option_strings and action.dest != "help"]
-
-    def option_names(self) -> list[str]:
-        """Every flag, spelled out."""
-        return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
-
-    def parse_strictly(self, args: Sequence[str], what: str = "recipe") -> tuple:
-        """``parse_args_and_config`` that accepts nothing unknown: an unknown key of the YAML file (`what`), an unknown
-        flag, a bad value or a failed dataclass check is a `UsageError` naming the closest known name."""
-        from trl_nca.cli import UsageError, did_you_mean
-
-        try:
-            *parsed, unknown_keys, unknown_flags = self.parse_args_and_config(
-                list(args), return_remaining_strings=True, separate_remaining_strings=True
-            )
-        except UsageError:
-            raise
-        except ValueError as error:  # the dataclasses' own checks (e.g. alpha < 0) and a malformed file
-            raise UsageError(str(error)) from None
-        if unknown_keys:
-            key = unknown_keys[0].lstrip("-")
-            raise UsageError(f"unknown key `{key}` in the {what}{did_you_mean(key, self.field_names())}.")
-        flags = [token for token in unknown_flags if token.startswith("-")] or unknown_flags
-        if flags:
-            name = flags[0].split("=", 1)[0]
-            raise UsageError(f"unknown flag `{name}`{did_you_mean(name, self.option_names())}.")
-        return tuple(parsed)
-
-
 def make_parser(trainer: str = "nca", prog: str | None = None) -> ScriptParser:
     """``TrlParser`` over (`NCAScriptArguments`, the trainer's config class, `trl.ModelConfig`)."""
     return ScriptParser((NCAScriptArguments, get_config_class(trainer), ModelConfig), prog=prog)
@@ -294,59 +201,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NCAScriptArguments, T
     args = normalize_argv(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = make_parser(peek_trainer(args)).parse_strictly(args)
     return script_args, training_args, model_args
-
-
-def load_raw_datasets(script_args: NCAScriptArguments) -> DatasetDict | IterableDatasetDict:
-    """Load ``script_args.dataset_name`` as a dataset dict (see `NCAScriptArguments.dataset_name` for the sources)."""
-    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
-
-    name = script_args.dataset_name
-    if not name:
-        raise ValueError("`dataset_name` is required: a Hub id, a local folder or a data file.")
-    path = Path(name)
-    if path.is_dir() and (path / "generate_config.json").is_file():  # not a dataset: the folder around one
-        dataset = path / "dataset"
-        if dataset.is_dir():
-            raise DatasetError(f"dataset_name: {name} is a `trl-nca generate` output folder; train on {dataset}")
-        raise DatasetError(
-            f"dataset_name: {name} is a `trl-nca generate` output folder without {dataset} (its run did not finish, "
-            "or kept no prompt); re-run its `trl-nca generate` command."
-        )
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        loaded = load_from_disk(str(path))
-        if isinstance(loaded, Dataset):
-            loaded = DatasetDict({script_args.dataset_train_split: loaded})
-        if script_args.dataset_streaming:
-            loaded = IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in loaded.items()})
-        return loaded
-    suffix = "".join(path.suffixes[-1:]).lower()
-    if suffix in _DATA_FILE_BUILDERS and not path.is_dir():
-        files = glob.glob(name)
-        if not files:
-            raise DatasetError(f"dataset_name: no data file matches {name}.")
-        _check_not_empty(files)
-        loaded = load_dataset(
-            _DATA_FILE_BUILDERS[suffix],
-            data_files={script_args.dataset_train_split: name},
-            streaming=script_args.dataset_streaming,
-        )
-    else:
-        if path.is_dir():
-            _check_not_empty([str(p) for p in path.rglob("*") if p.suffix.lower() in _DATA_FILE_BUILDERS])
-        loaded = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-    if isinstance(loaded, (Dataset, IterableDataset)):
-        loaded = (IterableDatasetDict if isinstance(loaded, IterableDataset) else DatasetDict)(
-            {script_args.dataset_train_split: loaded}
-        )
-    return loaded
-
-
-def _check_not_empty(files: Sequence[str]) -> None:
-    """A `DatasetError` naming the first data file that holds no rows (0 bytes or only whitespace)."""
-    for file in files:
-        with open(file, "rb") as handle:
-            if not handle.read(4096).strip():
-                raise DatasetError(f"dataset_name: the data file {file} is empty (no rows).")
 
 
 def check_dataset_format(dataset: Any, dataset_format: str, split: str) -> str:
@@ -434,14 +288,67 @@ def convert_dataset_format(dataset: Any, dataset_format: str, num_proc: int | No
 
 
 def load_callbacks(specs: Sequence[str] | None) -> list[TrainerCallback]:
-    """Instantiate ``"module.path:ClassName"`` callback specs (no arguments)."""
+    """Instantiate ``"module.path:ClassName"`` callback specs (``transformers.TrainerCallback`` subclasses, created
+    without arguments).
+
+    A spec that gives no callback is a one-line `UsageError` naming it: not ``module:Class``, a module that is not
+    found, a class the module lacks (with the closest name), a class that is no ``TrainerCallback`` or that needs
+    arguments, and an error raised while the module is imported or the class created (with its file and line).
+    """
+    import inspect
+
+    from transformers import TrainerCallback
+
     callbacks = []
     for spec in specs or []:
         module_name, _, class_name = spec.partition(":")
-        if not module_name or not class_name:
-            raise ValueError(f"Callback {spec!r} must look like 'module.path:ClassName'.")
-        callbacks.append(getattr(importlib.import_module(module_name), class_name)())
+        if not module_name or not class_name.isidentifier():
+            raise UsageError(f"callbacks: {spec!r} must look like 'module.path:ClassName' (a TrainerCallback class).")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and (module_name + ".").startswith(error.name + "."):
+                raise UsageError(
+                    f"callbacks: {spec!r}: no module named {error.name!r} (run from the folder that holds it, add "
+                    "that folder to PYTHONPATH, or install its package)."
+                ) from None
+            raise UsageError(f"callbacks: {spec!r}: importing {module_name} failed: {_raised(error)}") from None
+        except Exception as error:  # the module itself raised: the user's code, one line with where
+            raise UsageError(f"callbacks: {spec!r}: importing {module_name} failed: {_raised(error)}") from None
+        callback_class = getattr(module, class_name, None)
+        if callback_class is None:
+            classes = [name for name, value in vars(module).items() if isinstance(value, type)]
+            raise UsageError(
+                f"callbacks: {spec!r}: {module_name} has no {class_name}{did_you_mean(class_name, classes)}."
+            )
+        if not (isinstance(callback_class, type) and issubclass(callback_class, TrainerCallback)):
+            raise UsageError(f"callbacks: {spec!r}: {class_name} is not a transformers.TrainerCallback subclass.")
+        try:
+            inspect.signature(callback_class).bind()
+        except TypeError as error:
+            raise UsageError(
+                f"callbacks: {spec!r}: {class_name}() cannot be created without arguments ({error}); callbacks are "
+                "created with none: give its parameters defaults."
+            ) from None
+        except ValueError:  # no signature to read: let the call tell
+            pass
+        try:
+            callbacks.append(callback_class())
+        except Exception as error:
+            raise UsageError(f"callbacks: {spec!r}: {class_name}() failed: {_raised(error)}") from None
     return callbacks
+
+
+def _raised(error: BaseException) -> str:
+    """``TypeName: first line of the message (file:line)``: the user's error in one line, where it was raised."""
+    import traceback
+
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{text} ({error.filename}:{error.lineno})"
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith("<")]
+    return f"{text} ({frames[-1].filename}:{frames[-1].lineno})" if frames else text
 
 
 def check_launch(training_args: TrainingArguments, expected_processes: int | None = None) -> None:
@@ -491,8 +398,6 @@ def check_launch(training_args: TrainingArguments, expected_processes: int | Non
 
 def _select_splits(raw: Any, script_args: NCAScriptArguments, training_args: TrainingArguments) -> tuple[Any, Any]:
     """The train split and, when evaluation is on, the test split of ``raw``; a `DatasetError` when one is missing."""
-    from trl_nca.cli import did_you_mean
-
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
     if train_split not in raw:
         raise DatasetError(
@@ -512,43 +417,27 @@ def _select_splits(raw: Any, script_args: NCAScriptArguments, training_args: Tra
     return train_dataset, eval_dataset
 
 
-def _check_model_path(name: str) -> None:
-    """A `UsageError` for a model given as a local path (absolute, ``./``, ``../`` or ``~``) that is not a folder;
-    transformers would take it for a Hub id and fail with a long, unrelated message."""
-    from trl_nca.cli import UsageError
-
-    path = Path(name).expanduser()
-    if (path.is_absolute() or name.startswith((".", "~"))) and not path.is_dir():
-        raise UsageError(
-            f"model_name_or_path: the folder {name} does not exist (a local model folder or a Hub id such as "
-            "`mistralai/Mistral-7B-v0.1`)."
-        )
-
-
 def load_reference_model(name: str, training_args: TrainingArguments, model_args: ModelConfig) -> Any:
     """The reference model ``ref_model_name_or_path``, loaded as the trainer loads the policy.
 
     Same ``model_init_kwargs`` (dtype, attention, ``trust_remote_code``; without the policy's ``revision``), the same
     quantization config and, under DDP/DeepSpeed, ``device_map=None`` (as `trl.DPOTrainer` loads a model given by
-    name; under ZeRO-3 it is partitioned as it loads, like the policy). A missing local folder or a vocabulary that
-    differs from the policy's is a `trl_nca.cli.UsageError`, raised before any weights are read.
+    name; under ZeRO-3 it is partitioned as it loads, like the policy). A missing local folder, a Hub id that cannot
+    be looked up (`trl_nca.sources.check_local_path`, `~trl_nca.sources.hub_lookup`) or a vocabulary that differs from
+    the policy's is a `trl_nca.cli.UsageError`, raised before any weights are read.
     """
-    from transformers import AutoConfig
     from trl import get_quantization_config
     from trl.trainer.utils import create_model_from_path
 
-    from trl_nca.cli import UsageError
-
-    path = Path(name).expanduser()
-    if (path.is_absolute() or name.startswith((".", "~"))) and not path.is_dir():
-        raise UsageError(
-            f"ref_model_name_or_path: the folder {name} does not exist (a local model folder or a Hub id)."
-        )
+    check_local_path(name, "ref_model_name_or_path")
     trust = training_args.trust_remote_code
-    policy_config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=trust
+    policy_config = load_model_config(
+        model_args.model_name_or_path,
+        "model_name_or_path",
+        revision=model_args.model_revision,
+        trust_remote_code=trust,
     )
-    ref_config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+    ref_config = load_model_config(name, "ref_model_name_or_path", trust_remote_code=trust)
     policy_vocab = getattr(policy_config.get_text_config(), "vocab_size", None)
     ref_vocab = getattr(ref_config.get_text_config(), "vocab_size", None)
     if policy_vocab != ref_vocab:
@@ -573,12 +462,26 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
     from trl import get_peft_config, get_quantization_config
 
     from trl_nca.checkpoints import resolve_resume_checkpoint
-    from trl_nca.cli import UsageError
 
     check_launch(training_args, script_args.num_processes)
-    if not model_args.model_name_or_path:
-        raise UsageError("`model_name_or_path` is required (a Hub id or a local model folder).")
-    _check_model_path(model_args.model_name_or_path)
+    # A missing path, a Hub id that cannot load, an output_dir that is a file, a bad callback: one line each, at once.
+    cache_dir = (training_args.model_init_kwargs or {}).get("cache_dir")
+    check_train_sources(
+        model_args.model_name_or_path,
+        script_args.ref_model_name_or_path,
+        script_args.dataset_name,
+        training_args.output_dir,
+        cache_dir=cache_dir,
+        streaming=script_args.dataset_streaming,
+    )
+    callbacks = load_callbacks(script_args.callbacks)
+    load_model_config(
+        model_args.model_name_or_path,
+        "model_name_or_path",
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        **({"cache_dir": cache_dir} if cache_dir else {}),
+    )
     # A corrupt checkpoint fails here, named with the newest intact one, before any data or model is loaded.
     resume = resolve_resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
 
@@ -610,7 +513,7 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
         reference = f"{script_args.ref_model_name_or_path} (ref_model_name_or_path)"
     else:
         reference = f"the initial weights of the policy {model_args.model_name_or_path}"
-    if _is_main_process():
+    if is_main_process():
         print(f"Reference model: {reference}", flush=True)
 
     trainer_cls = get_trainer_class(script_args.trainer)
@@ -620,7 +523,7 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        callbacks=load_callbacks(script_args.callbacks),
+        callbacks=callbacks,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
@@ -632,6 +535,7 @@ def main(script_args: NCAScriptArguments, training_args: TrainingArguments, mode
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
 
+    restore_interrupt()  # from here on an interruption names the last checkpoint (`run`)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
@@ -672,10 +576,6 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="trl-nca-watch-parent", daemon=True).start()
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _quiet_optional_imports(model_args: ModelConfig) -> None:
     """bitsandbytes warns on import on some CPUs (its optional 4-bit CPU kernel is fetched from the Hub, which fails
     offline); peft imports it whenever it is installed. Those lines were held back since this module was imported:
@@ -690,28 +590,61 @@ def run(argv: Sequence[str] | None = None) -> int:
     (Ctrl-C) prints where the last checkpoint is and the command that resumes, with status 130.
     """
     from trl_nca.checkpoints import CheckpointError
-    from trl_nca.cli import WATCH_PARENT_ENV, UsageError, interrupted_message, quiet_warnings
 
     if os.environ.get(WATCH_PARENT_ENV) == "1":
         _watch_parent()
     quiet_warnings()
     output_dir = None
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         script_args, training_args, model_args = parse_args(argv)
         output_dir = training_args.output_dir
         _quiet_optional_imports(model_args)
         main(script_args, training_args, model_args)
     except (UsageError, DatasetError, CheckpointError) as error:
-        if _is_main_process():
+        if is_main_process():
             print(f"trl-nca train: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Under a multi-process launch the launcher prints this line once for all processes.
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            print(interrupted_message(output_dir), file=sys.stderr)
+            line = interrupted_message(output_dir) if output_dir else interrupted_line("train", argv)
+            print(line, file=sys.stderr)
         return 130
+    except Exception as error:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not lost_peer(error):
+            raise
+        # Another process of the run is gone (its machine died or was stopped, or the network failed): record the
+        # error where torchrun's launcher reads it (its error file, traceback included) for `trl-nca train` to
+        # report in one line, instead of a traceback from every surviving process.
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
+        return 1
     return 0
 
 
+#: Words of the errors a collective raises when another process of the run is gone: gloo's and NCCL's for a closed
+#: connection, a receive that timed out, a store (rendezvous) that cannot be reached.
+LOST_PEER_WORDS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Connection refused",
+    "Broken pipe",
+    "remote process exited",
+    "Timed out waiting",
+    "Socket Timeout",
+)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` says that another process of a distributed run is gone (rather than a bug of this one)."""
+    import torch.distributed as dist
+
+    if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in LOST_PEER_WORDS)
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    exit_process(run())
