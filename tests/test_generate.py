@@ -791,7 +791,7 @@ SOURCE_FILE = textwrap.dedent(
 
 # (case, reward_funcs or a maker of them, other flags, the error's text)
 SOURCE_ERRORS = [
-    ("reward-model-missing", lambda d: [d["tmp"] + "/no_such_rm"], (), "reward model `{tmp}/no_such_rm`: no such folder, and no model of that id on the Hub"),
+    ("reward-model-missing", lambda d: [d["tmp"] + "/no_such_rm"], (), "reward_funcs: the folder {tmp}/no_such_rm does not exist"),
     ("reward-model-3-labels", lambda d: [d["rm3"]], (), "reward model `{rm3}`: expected one output label (a scalar score), found 3"),
     ("reward-model-no-chat-template", lambda d: [d["rm_plain"]], (), "reward model `{rm_plain}`: its tokenizer cannot render a prompt and its completion"),
     ("syntax-error", lambda d: [d["tmp"] + "/broken.py:f"], (), "reward function `{tmp}/broken.py:f`: syntax error in {tmp}/broken.py:2: '[' was never closed."),

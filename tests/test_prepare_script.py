@@ -159,7 +159,8 @@ def test_output_trains_with_the_recipes_changing_only_dataset_name(subprocess_ru
     import yaml
     from recipe_data import save_model
 
-    from trl_nca.scripts.train import load_raw_datasets, main, parse_args
+    from trl_nca.scripts.train import main, parse_args
+    from trl_nca.sources import load_raw_datasets
 
     out, _ = subprocess_run
     architecture = "mixtral" if "mixtral" in recipe.parent.name else "mistral"

@@ -290,8 +290,11 @@ def load_sampler(config: RewardDataConfig, model_index: int, name: str, state: A
     """The sampler of the pool's `model_index`-th model, on this process's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trl_nca.sources import hub_lookup
+
     path = config.model_name_or_path[model_index]
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with hub_lookup("model_name_or_path", path):  # a Hub id that does not exist (or no network): one line
+        tokenizer = AutoTokenizer.from_pretrained(path)
     options = SamplingOptions(
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens
     )
@@ -514,6 +517,9 @@ def build_reward_dataset(
     both. Returns (dataset, statistics) on the main process and (None, {}) on the others; the outputs are written to
     `config.output_dir` (see `RewardDataConfig`).
     """
+    from trl_nca.sources import check_output_dir
+
+    check_output_dir(config.output_dir)  # a file there is one line, not a FileExistsError from the first write
     state = distributed_state()
     output_dir = Path(config.output_dir)
     sources = list(reward_funcs if reward_funcs is not None else config.reward_funcs)
