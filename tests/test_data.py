@@ -181,3 +181,71 @@ def test_target_and_layout_tensors_are_float32(tokenizer):
     dataset = prepare_dataset(Dataset.from_list([GOOD]), tokenizer, tokenizer.eos_token, None, "keep_start")
     batch = DataCollatorForKWayReward(pad_token_id=0)([dataset[0]])
     assert batch["rewards"].dtype == torch.float32 and batch["input_ids"].dtype == torch.long
+
+
+# Prompts whose last token merges with the start of the completion (" i" + "s blue" -> " is blue"), so the tokenized
+# prompt is not a prefix of the tokenized prompt+completion; each leaves a different token out of the prompt.
+MERGING = [("the sky i", "s blue"), ("hello wor", "ld"), ("what is th", "e answer"), ("one tw", "o three")]
+
+
+def merging_rows(n: int) -> list[dict]:
+    """`n` reward rows: every third row's prompt merges with its completions (cycling over `MERGING`), the others
+    are clean."""
+    rows = []
+    for i in range(n):
+        if i % 3 == 0:
+            prompt, start = MERGING[(i // 3) % len(MERGING)]
+            completions = [start, start + " now"]
+        else:
+            prompt, completions = f"row {i} is", [" blue", " red"]
+        rows.append({"prompt": prompt, "completions": completions, "rewards": [1.0, 0.0]})
+    return rows
+
+
+def rows_whose_prompt_is_not_a_prefix(rows: list[dict], tokenizer) -> list[int]:
+    """Oracle: the rows where the tokenized prompt is not a prefix of some tokenized prompt+completion+EOS."""
+    affected = []
+    for index, row in enumerate(rows):
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        full = [tokenizer(row["prompt"] + c + tokenizer.eos_token)["input_ids"] for c in row["completions"]]
+        if any(ids[: len(prompt_ids)] != prompt_ids for ids in full):
+            affected.append(index)
+    return affected
+
+
+def prefix_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "is not a prefix of the tokenized" in r.getMessage()]
+
+
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_prompt_not_a_prefix_is_one_warning_with_the_count(tokenizer, caplog, num_proc):
+    """One line per dataset (not one per distinct token left out), counting the rows, also when `num_proc`
+    processes tokenize it."""
+    rows = merging_rows(24)
+    affected = rows_whose_prompt_is_not_a_prefix(rows, tokenizer)
+    assert len(affected) == 8 and len({rows[i]["prompt"] for i in affected}) == len(MERGING)  # the oracle's view
+    with caplog.at_level(logging.WARNING):
+        dataset = prepare_dataset(
+            Dataset.from_list(rows), tokenizer, tokenizer.eos_token, None, "keep_start", num_proc=num_proc
+        )
+    (message,) = prefix_warnings(caplog)
+    assert f"in {len(affected)} of {len(rows)} train rows" in message
+    assert f"row {affected[0]}, ' i' is left out of the prompt" in message
+    assert "_trl_nca_prompt_tail" not in dataset.column_names
+    assert tokenizer.decode(dataset[0]["completion_ids"][0]) == " is blue</s>"  # the left-out token is trained on
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_dataset(Dataset.from_list(merging_rows(24)[1:3]), tokenizer, tokenizer.eos_token, None, "keep_start")
+    assert prefix_warnings(caplog) == []
+
+
+def test_prompt_not_a_prefix_in_a_stream_is_one_warning(tokenizer, caplog):
+    """A stream is tokenized as it is read, so it is not counted: the first affected row is reported, once."""
+    rows = merging_rows(24)
+    stream = prepare_dataset(
+        Dataset.from_list(rows).to_iterable_dataset(), tokenizer, tokenizer.eos_token, None, "keep_start"
+    )
+    with caplog.at_level(logging.WARNING):
+        assert len(list(stream)) == len(rows)
+    (message,) = prefix_warnings(caplog)
+    assert "row 0 of the streamed train dataset" in message and "' i' is left out of the prompt" in message

@@ -348,6 +348,25 @@ def test_demo_rejects_unknown_choices(tmp_path):
         build_parser().parse_args(["--trainer", "ppo"])
 
 
+@pytest.mark.parametrize("underscore", [True, False])
+def test_demo_flags_take_underscores_like_the_other_commands(tmp_path, monkeypatch, underscore):
+    """`--output_dir` (as `trl-nca train/generate/iterate` spell it) and `--output-dir` both work, and reach
+    `--compare` too."""
+    import trl_nca.demo.compare
+    from trl_nca.demo.run import build_parser, main
+
+    def flag(name: str) -> str:
+        return name if underscore else name.replace("_", "-")
+
+    argv = [flag("--output_dir"), str(tmp_path / "d"), flag("--learning_rate"), "0.5", flag("--no_progress")]
+    args = build_parser().parse_args(argv)
+    assert (args.output_dir, args.learning_rate, args.no_progress) == (str(tmp_path / "d"), 0.5, True)
+    forwarded = []
+    monkeypatch.setattr(trl_nca.demo.compare, "main", lambda argv: forwarded.append(argv) or 0)
+    assert main(["--compare", flag("--output_dir"), str(tmp_path / "c")]) == 0
+    assert forwarded[0][:2] == ["--output-dir", str(tmp_path / "c")]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The results report's claim verdicts
 # ---------------------------------------------------------------------------------------------------------------------

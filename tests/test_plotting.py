@@ -110,7 +110,7 @@ def test_main(tmp_path, capsys):
     assert sorted(printed) == sorted(
         str(tmp_path / "out" / n) for n in ("logps.png", "rewards.png", "accuracies.png", "loss.png")
     )
-    assert plotting.main([str(tmp_path / "nowhere")]) == 1
+    assert plotting.main([str(tmp_path / "nowhere")]) == 2
     assert "trainer_state.json" in capsys.readouterr().err
 
 
@@ -121,3 +121,41 @@ def test_missing_matplotlib_message(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"trl-nca\[plot\]"):
         plotting.plot_run(run)
     assert plotting.main([str(run)]) == 1
+
+
+def _user_error_cases(tmp_path):
+    run = write_state(tmp_path / "run", kway_history())
+    (tmp_path / "not_json").mkdir()
+    (tmp_path / "not_json" / "trainer_state.json").write_text("{oops")
+    (tmp_path / "a_list").mkdir()
+    (tmp_path / "a_list" / "trainer_state.json").write_text("[1, 2]")
+    (tmp_path / "no_state").mkdir()
+    (tmp_path / "file.png").write_bytes(PNG_MAGIC)
+    no_metrics = write_state(tmp_path / "no_metrics", [{"step": 1, "train_runtime": 1.0}])
+    return {
+        "missing folder": ([str(tmp_path / "nowhere")], "nowhere does not exist"),
+        "no trainer_state.json": ([str(tmp_path / "no_state")], "No trainer_state.json in"),
+        "not JSON": ([str(tmp_path / "not_json")], "is not a trainer_state.json: Expecting"),
+        "not a state": ([str(tmp_path / "a_list")], "has no `log_history` list"),
+        "a binary file": ([str(tmp_path / "file.png")], "file.png is not a trainer_state.json"),
+        "no log history": ([str(no_metrics)], "no plottable metrics in the log history of"),
+        "flag typo": ([str(run), "--outt", "x"], "unknown flag `--outt` (did you mean `--out`?)"),
+        "extra argument": ([str(run), "extra"], "unknown argument `extra`"),
+        "no argument": ([], "the following arguments are required: output_dir"),
+        "--out is a file": ([str(run), "--out", str(tmp_path / "file.png")], "is a file; pass a folder"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing folder", "no trainer_state.json", "not JSON", "not a state", "a binary file", "no log history"]
+    + ["flag typo", "extra argument", "no argument", "--out is a file"],
+)
+def test_user_errors_are_one_line_with_status_2(tmp_path, capsys, case):
+    """Like the other `trl-nca` commands: a mistake is one line naming it, exit status 2, no usage text or traceback."""
+    argv, expected = _user_error_cases(tmp_path)[case]
+    assert plotting.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("trl-nca plot: error: ") and expected in line

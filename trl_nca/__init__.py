@@ -18,7 +18,7 @@ _LAZY = {
     "ListwiseConfig": ".config",
     "ListwiseTrainer": ".trainer",
     "NCATrainer": ".trainer",
-    "RewardDataConfig": ".config",
+    "RewardDataConfig": ".generate_config",
     "build_reward_dataset": ".reward_data",
 }
 
@@ -37,9 +37,42 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .collator import DataCollatorForKWayReward
-    from .config import InfoNCAConfig, ListwiseConfig, NCAConfig, RewardDataConfig
+    from .config import InfoNCAConfig, ListwiseConfig, NCAConfig
+    from .generate_config import RewardDataConfig
     from .reward_data import build_reward_dataset
     from .trainer import InfoNCATrainer, ListwiseTrainer, NCATrainer
+
+
+#: Accelerator packages DeepSpeed probes before CUDA (`deepspeed/accelerator/real_accelerator.py`, `get_accelerator`):
+#: where one is installed DeepSpeed may pick it, so its own detection decides.
+_DEEPSPEED_PROBED_PACKAGES = ("torch_npu", "torch_sdaa", "habana_frameworks", "torch_mlu", "torch_supa", "torch_xmlir")
+
+
+def default_deepspeed_accelerator() -> None:
+    """Set `DS_ACCELERATOR=cpu` when DeepSpeed would fall back to the CPU anyway, so that it does not log "Setting
+    accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it." on every CPU run.
+
+    DeepSpeed reads the variable the first time it picks its accelerator (on `import deepspeed`, which accelerate does
+    when a trainer is built or a DeepSpeed launch starts), so call this before. A value the user set is kept. It is
+    set only when torch has no accelerator (a CPU build, or a CUDA build that sees no GPU, counted through NVML
+    without initialising CUDA) and none of the other accelerator packages DeepSpeed probes is installed: the cases
+    where DeepSpeed's own detection ends on the CPU. Call it where torch is already imported.
+    """
+    import os
+
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    if any(importlib.util.find_spec(name) is not None for name in _DEEPSPEED_PROBED_PACKAGES):
+        return
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator()  # compiled in; no device query, so fork stays safe
+    if accelerator is None or (accelerator.type == "cuda" and torch.cuda.device_count() == 0):
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def __getattr__(name: str) -> Any:

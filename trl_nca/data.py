@@ -26,17 +26,14 @@ from transformers.utils import logging
 from trl.data_utils import _tokenize, common_prefix_length, extract_prompt
 from trl.trainer.utils import global_then_local_main_first
 
+from trl_nca.cli_common import DatasetError  # noqa: F401  (defined with the other user errors)
+
 logger = logging.get_logger(__name__)
 
 REWARD_COLUMNS = ("prompt", "completions", "rewards")
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_ids", "completion_ids", "rewards", "hard_labels")
 TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
-
-
-class DatasetError(ValueError):
-    """A dataset the trainers cannot use (empty, malformed row, nothing left after truncation); the message names the
-    dataset, the row and the column. The CLI prints it as one line."""
 
 
 def _is_messages(value: Any) -> bool:
@@ -63,14 +60,25 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def row_format(example: dict) -> str:
-    """`"reward"` or `"preference"`, from the columns a row has."""
-    if "completions" in example or "rewards" in example:
+def row_format(example: dict, index: int | None = None) -> str:
+    """`"reward"` or `"preference"`, from the columns a row has; a `DatasetError` (naming row `index`) when it has
+    the columns of both formats (a row of each kind in one dataset also gives every row both, with None values), or
+    of neither."""
+    where = "" if index is None else f"row {index}: "
+    is_reward = "completions" in example or "rewards" in example
+    is_preference = all(column in example for column in PREFERENCE_COLUMNS)
+    if is_reward and is_preference:
+        raise DatasetError(
+            f"{where}the dataset has both reward columns (`completions`/`rewards`) and preference columns "
+            "(`chosen`/`rejected`), so which of them to train on is ambiguous. Keep one set: e.g. "
+            "`dataset.remove_columns(['chosen', 'rejected'])` trains on the K scored completions."
+        )
+    if is_reward:
         return "reward"
-    if all(column in example for column in PREFERENCE_COLUMNS):
+    if is_preference:
         return "preference"
     raise DatasetError(
-        f"Cannot tell the dataset format from its columns {sorted(example)}. trl-nca expects reward data "
+        f"{where}Cannot tell the dataset format from its columns {sorted(example)}. trl-nca expects reward data "
         "(`prompt`, `completions`, `rewards`) or preference data (`prompt`/`chosen`/`rejected`, or `chosen`/"
         "`rejected` with an implicit prompt). To convert other layouts see `trl_nca.converters`."
     )
@@ -110,7 +118,7 @@ def _check_text_or_messages(value: Any, column: str, index: int, conversational:
 
 def validate_example(example: dict, index: int) -> None:
     """Raise a `ValueError` naming the column, the row and what was expected if `example` is malformed."""
-    kind = row_format(example)
+    kind = row_format(example, index)
     if kind == "preference":
         for column in PREFERENCE_COLUMNS:
             if example.get(column) is None:
@@ -180,7 +188,19 @@ def preference_to_kway(example: dict) -> dict:
 def tokenize_example(
     example: dict, processing_class: PreTrainedTokenizerBase, eos_token: str | None = None
 ) -> dict[str, Any]:
-    """Tokenize one reward row into `prompt_ids` and `completion_ids` (one list per response), as DPOTrainer does."""
+    """Tokenize one reward row into `prompt_ids` and `completion_ids` (one list per response), as DPOTrainer does.
+
+    The completions start where the tokenized prompt and prompt+completion diverge; prompt tokens after that point
+    (the chat template renders the prompt alone differently, or tokens merge across the boundary) are left out of the
+    prompt. `prepare_dataset` reports how many rows that happens to.
+    """
+    return _tokenize_row(example, processing_class, eos_token)[0]
+
+
+def _tokenize_row(
+    example: dict, processing_class: PreTrainedTokenizerBase, eos_token: str | None
+) -> tuple[dict[str, Any], list[int]]:
+    """`tokenize_example`'s row, and the prompt token ids it leaves out of the prompt (usually none)."""
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
@@ -200,18 +220,40 @@ def tokenize_example(
 
     # The completion starts where prompt and prompt+completion diverge (see trl.data_utils.common_prefix_length).
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
-    if prompt_len < len(prompt_ids):
-        logger.warning_once(
-            "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
-            "prompt alone differently, or tokens merge across the boundary). Responses start where they diverge: "
-            f"{processing_class.decode(prompt_ids[prompt_len:])!r} is left out of the prompt."
-        )
-    return {
+    row = {
         "prompt_ids": prompt_ids[:prompt_len],
         "completion_ids": [ids[prompt_len:] for ids in full_ids],
         "rewards": [float(r) for r in example["rewards"]],
         "hard_labels": bool(example.get("hard_labels", False)),
     }
+    return row, prompt_ids[prompt_len:]
+
+
+# A private column of the tokenized rows while `prepare_dataset` runs: the prompt token ids left out of the prompt.
+_PROMPT_TAIL = "_trl_nca_prompt_tail"
+_PROMPT_TAIL_CAUSE = (
+    "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the prompt "
+    "alone differently, or tokens merge across the boundary)"
+)
+
+
+def _report_prompt_tails(dataset: Dataset, processing_class: PreTrainedTokenizerBase, dataset_name: str) -> Dataset:
+    """Warn once (main process) with the number of rows whose prompt lost tokens to the responses and an example;
+    return `dataset` without the `_PROMPT_TAIL` column. Counted on the Arrow column: no Python copy of the rows."""
+    import pyarrow.compute as pc
+    from accelerate import PartialState
+
+    column = dataset.data.column(_PROMPT_TAIL)
+    affected = pc.greater(pc.list_value_length(column), 0)
+    count = pc.sum(affected).as_py() or 0
+    if count and PartialState().is_main_process:
+        first = pc.index(affected, True).as_py()
+        left_out = processing_class.decode(column[first].as_py())
+        logger.warning(
+            f"{_PROMPT_TAIL_CAUSE} in {count} of {len(dataset)} {dataset_name} rows. Their responses start where the "
+            f"two diverge: e.g. in row {first}, {left_out!r} is left out of the prompt."
+        )
+    return dataset.remove_columns(_PROMPT_TAIL)
 
 
 def prepare_dataset(
@@ -237,27 +279,45 @@ def prepare_dataset(
         return dataset
     if "image" in first or "images" in first:
         raise DatasetError("Vision datasets (`image`/`images` columns) are not supported by the K-way trainers.")
-    kind = row_format(first)
+    try:
+        kind = row_format(first, 0)
+    except DatasetError as error:
+        raise DatasetError(f"{dataset_name} dataset, {error}") from None
     map_kwargs: dict[str, Any] = {}
     is_map_style = isinstance(dataset, Dataset)
     if is_map_style:
         map_kwargs["num_proc"] = num_proc
+    # A stream is tokenized as it is read, so its rows cannot be counted up front: the first row whose prompt loses
+    # tokens is reported, once (per copy of the stream, e.g. per dataloader worker).
+    stream_reported: list[bool] = []
 
     def process(example: dict, index: int) -> dict:
         try:
-            if row_format(example) != kind:
+            if row_format(example, index) != kind:
                 raise DatasetError(f"row {index}: the dataset mixes reward rows and preference rows.")
             validate_example(example, index)
         except DatasetError as error:
             raise DatasetError(f"{dataset_name} dataset, {error}") from None
         if kind == "preference":
             example = preference_to_kway(example)
-        return tokenize_example(example, processing_class, eos_token)
+        row, tail = _tokenize_row(example, processing_class, eos_token)
+        if is_map_style:
+            row[_PROMPT_TAIL] = tail
+        elif tail and not stream_reported:
+            stream_reported.append(True)
+            logger.warning(
+                f"{_PROMPT_TAIL_CAUSE} in row {index} of the streamed {dataset_name} dataset (shown once; a streamed "
+                f"dataset is not counted). Responses start where the two diverge: {processing_class.decode(tail)!r} "
+                "is left out of the prompt."
+            )
+        return row
 
     with global_then_local_main_first():
         if is_map_style:
             map_kwargs["desc"] = f"Validating and tokenizing {dataset_name} dataset"
         dataset = dataset.map(process, with_indices=True, **map_kwargs)
+        if is_map_style:
+            dataset = _report_prompt_tails(dataset, processing_class, dataset_name)
         if max_length is not None and truncation_mode == "keep_start" and max_prompt_length is None:
             keep = lambda example: len(example["prompt_ids"]) < max_length  # noqa: E731
             if is_map_style:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_trainer_state", "load_log_history", "metric_series", "plot_run", "main"]
+__all__ = ["TrainerStateError", "find_trainer_state", "load_log_history", "metric_series", "plot_run", "main"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -49,15 +49,34 @@ def find_trainer_state(output_dir: str | Path) -> Path:
             match = _CHECKPOINT.match(child.name)
             if match and (child / "trainer_state.json").is_file():
                 checkpoints.append((int(match.group(1)), child / "trainer_state.json"))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a run's output_dir, or its trainer_state.json).")
     if not checkpoints:
         raise FileNotFoundError(f"No trainer_state.json in {path} or in any checkpoint-* directory under it.")
     return max(checkpoints)[1]
 
 
+class TrainerStateError(ValueError):
+    """A `trainer_state.json` that cannot be read: not JSON, or not a mapping with a `log_history` list."""
+
+
 def load_log_history(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The `log_history` list of a run's `trainer_state.json` (see :func:`find_trainer_state`)."""
-    with open(find_trainer_state(output_dir)) as f:
-        return json.load(f).get("log_history", [])
+    """The `log_history` list of a run's `trainer_state.json` (see :func:`find_trainer_state`).
+
+    Raises:
+        FileNotFoundError: when there is none.
+        TrainerStateError: when it is not JSON, or holds no mapping with a `log_history` list.
+    """
+    path = find_trainer_state(output_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainerStateError(f"{path} is not a trainer_state.json: {error}.") from None
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise TrainerStateError(f"{path} is not a trainer_state.json: it has no `log_history` list of entries.")
+    return history
 
 
 def metric_series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -131,10 +150,11 @@ def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[
 
     Raises:
         FileNotFoundError: no `trainer_state.json` was found.
+        TrainerStateError: the `trainer_state.json` cannot be read.
         ImportError: matplotlib is not installed.
     """
+    history = load_log_history(output_dir)  # a wrong folder is reported before matplotlib's import (~0.8 s)
     _import_matplotlib()  # fail early and clearly when the optional dependency is missing
-    history = load_log_history(output_dir)
     base = Path(output_dir)
     out = Path(out_dir) if out_dir is not None else (base.parent if base.is_file() else base) / "plots"
     keys = {key for entry in history for key in entry}
@@ -159,23 +179,63 @@ def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`trl-nca plot OUTPUT_DIR [--out DIR]`: draw a run's curves, print the written paths; returns the exit code."""
-    parser = argparse.ArgumentParser(
+_USAGE = "trl-nca plot OUTPUT_DIR [--out DIR]"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake raised as a `trl_nca.cli_common.UsageError` (one line in `main`), not the usage."""
+
+    def error(self, message: str):
+        from trl_nca.cli_common import UsageError
+
+        raise UsageError(f"{message}. Usage: {_USAGE}")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """`trl-nca plot`'s arguments; a `UsageError` for a mistake, naming the closest flag for an unknown one."""
+    from trl_nca.cli_common import UsageError, did_you_mean
+
+    parser = _ArgumentParser(
         prog="trl-nca plot",
         description="Plot per-rank log-likelihoods, rewards, ranking accuracy and loss from trainer_state.json.",
     )
     parser.add_argument("output_dir", help="the run's output directory (or a checkpoint-* directory).")
     parser.add_argument("--out", default=None, help="directory for the PNG files (default: OUTPUT_DIR/plots).")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        name = unknown[0].split("=", 1)[0]
+        flags = [option for action in parser._actions for option in action.option_strings]
+        hint = did_you_mean(name, flags) if name.startswith("-") else ""
+        what = "flag" if name.startswith("-") else "argument"
+        raise UsageError(f"unknown {what} `{name}`{hint}. Usage: {_USAGE}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`trl-nca plot OUTPUT_DIR [--out DIR]`: draw a run's curves, print the written paths; returns the exit code.
+
+    A mistake (an unknown flag, no `trainer_state.json` at OUTPUT_DIR, an unreadable one, no logged metric to plot,
+    an `--out` that is a file) is one line on stderr with exit status 2, like the other `trl-nca` commands; a missing
+    matplotlib is one line with status 1.
+    """
+    from trl_nca.cli_common import UsageError
+
     try:
+        args = _parse_args(argv)
+        if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UsageError(f"--out: {args.out} is a file; pass a folder for the PNG files.")
         paths = plot_run(args.output_dir, args.out)
-    except (FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not paths:
+            raise UsageError(
+                f"no plottable metrics in the log history of {find_trainer_state(args.output_dir)} (a run logs them "
+                "every `logging_steps`; it may not have reached its first log yet)."
+            )
+    except ImportError as error:
+        print(f"trl-nca plot: error: {error}", file=sys.stderr)
         return 1
-    if not paths:
-        print(f"error: no plottable metrics in the log history of {args.output_dir}", file=sys.stderr)
-        return 1
+    except (UsageError, FileNotFoundError, TrainerStateError) as error:
+        print(f"trl-nca plot: error: {error}", file=sys.stderr)
+        return 2
     for path in paths:
         print(path)
     return 0

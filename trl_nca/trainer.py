@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import textwrap
 from collections.abc import Callable
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
@@ -135,6 +137,60 @@ def _pad_multiple(args: _KWayConfig, model, layout: str) -> int | None:
     return args.pad_to_multiple_of
 
 
+def _vocabulary_size(model) -> int | None:
+    """A model's vocabulary size: its text config's `vocab_size` (which `resize_token_embeddings` keeps up to date, and
+    which stays whole where ZeRO-3 partitions the embedding or PEFT wraps the model), else the rows of its output
+    embedding (their logical shape under ZeRO-3); None when it has neither."""
+    config = getattr(model, "config", None)
+    size = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
+    if size is not None:
+        return int(size)
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        return None
+    return int((getattr(weight, "ds_shape", None) or weight.shape)[0])
+
+
+def _check_reference_vocabulary(model, ref_model, args: _KWayConfig) -> None:
+    """A `ValueError` naming both sizes when `ref_model` and the policy `model` (an instance or a name, read from its
+    config) have vocabularies of different sizes: the reference scores the policy's token ids, so it must share the
+    policy's tokenizer (as `trl-nca train` checks for `ref_model_name_or_path`)."""
+    if isinstance(model, str):
+        init_kwargs = args.model_init_kwargs or {}
+        model = AutoConfig.from_pretrained(
+            model, revision=init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code
+        )
+        policy_size = getattr(model.get_text_config(), "vocab_size", None)
+    else:
+        policy_size = _vocabulary_size(model)
+    ref_size = _vocabulary_size(ref_model)
+    if policy_size is not None and ref_size is not None and policy_size != ref_size:
+        raise ValueError(
+            f"The reference model `ref_model` has a vocabulary of {ref_size} tokens and the policy one of "
+            f"{policy_size}: the reference scores the policy's tokens, so it must share the policy's tokenizer. Pass "
+            "a reference of the policy's model family, or no `ref_model` (the policy's initial weights)."
+        )
+
+
+def count_tied_rows(rewards) -> int:
+    """The number of rows of a `rewards` list column (a pyarrow `ChunkedArray` or `Array` of lists of numbers) whose
+    rewards are all equal, computed over the Arrow buffers (one numpy reduction, no Python copy of the rows)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chunks = rewards.chunks if isinstance(rewards, pa.ChunkedArray) else [rewards]
+    tied = 0
+    for chunk in chunks:
+        lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(chunk).to_numpy(zero_copy_only=False)
+        starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+        if starts.size:
+            tied += int(np.count_nonzero(np.minimum.reduceat(values, starts) == np.maximum.reduceat(values, starts)))
+    return tied
+
+
 _NCA_CITATION = textwrap.dedent(
     """\
     @inproceedings{chen2024noise,
@@ -189,6 +245,8 @@ class _KWayRewardTrainer(DPOTrainer):
                     "The dataset appears to be vision-related (contains 'image' or 'images' keys), but "
                     f"{type(self).__name__} does not support vision-language models or image inputs."
                 )
+        if ref_model is not None:
+            _check_reference_vocabulary(model, ref_model, args)
         # Batches hold per-prompt and per-sequence tensors of different lengths, which accelerate's batch dispatching
         # (its default for streamed datasets) would slice alike; each process reads its own batches instead.
         if args.accelerator_config.dispatch_batches is True:
@@ -351,7 +409,7 @@ class _KWayRewardTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ data hooks
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return prepare_dataset(
+        dataset = prepare_dataset(
             dataset,
             processing_class,
             eos_token=self._tokenizer.eos_token,
@@ -360,6 +418,40 @@ class _KWayRewardTrainer(DPOTrainer):
             num_proc=args.dataset_num_proc,
             dataset_name=dataset_name,
             max_prompt_length=args.max_prompt_length,
+        )
+        if dataset_name == "train":
+            self._warn_if_all_rewards_tied(dataset, args)
+        return dataset
+
+    def _warn_if_all_rewards_tied(self, dataset: Dataset | IterableDataset, args: _KWayConfig) -> None:
+        """Warn once (main process) when every training row has all its rewards equal: the K-way losses then get no
+        preference signal (NCA, InfoNCA and Plackett-Luce: zero gradient while the policy equals the reference, i.e.
+        from the start with the default reference, and no step ever moves it; LiPO-λ and all-pairs: no pair, zero
+        gradient always).
+
+        A `Dataset` is counted in full over its Arrow `rewards` column. A stream is not read in full: the rows of the
+        first optimizer step (`per_device_train_batch_size * gradient_accumulation_steps`) are checked, and the
+        warning says so. With `tie_break="first"` the first response gets a bonus, so nothing is tied."""
+        if args.tie_break == "first" or not PartialState().is_main_process:
+            return
+        if isinstance(dataset, Dataset):
+            if "rewards" not in dataset.column_names or len(dataset) == 0:
+                return
+            n_rows, tied = len(dataset), count_tied_rows(dataset.with_format("arrow")["rewards"])
+            what = f"All {n_rows} rows of the train dataset"
+        else:
+            n_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
+            rows = [row["rewards"] for row in itertools.islice(dataset, n_rows) if row.get("rewards") is not None]
+            n_rows, tied = len(rows), sum(1 for rewards in rows if len(set(rewards)) == 1)
+            what = f"The first {n_rows} rows of the streamed train dataset (a stream is not read in full)"
+        if n_rows == 0 or tied < n_rows:
+            return
+        losses = " + ".join(name for name in args.loss_type if name != "sft")
+        logger.warning(
+            f"{what} have all their rewards tied (every response of a prompt has the same reward): the {losses} loss "
+            "gets no preference signal from such rows (its gradient is zero while the policy equals the reference), "
+            "so training will not move the model toward better responses. Check the `rewards` column (a reward that "
+            "is constant on this data?)."
         )
 
     def _set_signature_columns_if_needed(self):

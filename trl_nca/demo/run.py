@@ -1,7 +1,9 @@
 """`trl-nca demo`: the whole alignment pipeline on a CPU in a few minutes, offline.
 
-    trl-nca demo [--output-dir DIR] [--trainer TRAINER] [--seed N] [--size tiny|small]
-    trl-nca demo --compare [--output-dir DIR]     # the reproduction (see scripts/reproduce_results.py)
+    trl-nca demo [--output_dir DIR] [--trainer TRAINER] [--seed N] [--size tiny|small]
+    trl-nca demo --compare [--output_dir DIR]     # the reproduction (see scripts/reproduce_results.py)
+
+Multi-word flags are spelled with `_` like those of the other `trl-nca` commands, or with `-` (`--output-dir`).
 
 Stages: tokenizer + Mistral-architecture model built in code → SFT warm start (`trl.SFTTrainer`) on imperfect
 demonstrations of digit sorting → K=4 samples per training prompt scored by the ground-truth reward (DIR/reward_data)
@@ -217,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline CPU demo: SFT a tiny model on digit sorting, sample K=4 scored responses per prompt, "
         "align with NCA / InfoNCA / DPO, and measure reward and likelihood changes on held-out prompts.",
     )
-    parser.add_argument("--output-dir", default="trl-nca-demo", help="where to write artifacts (default: %(default)s)")
+    parser.add_argument(
+        "--output_dir", "--output-dir", default="trl-nca-demo", help="where to write artifacts (default: %(default)s)"
+    )
     parser.add_argument(
         "--trainer",
         choices=TRAINER_CHOICES,
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("tiny", "small"), default="small", help="tiny: seconds, for tests")
     parser.add_argument(
+        "--learning_rate",
         "--learning-rate",
         type=float,
         default=None,
@@ -243,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default 1: these models are too small to gain much from more, and extra threads "
         "slow down badly on a busy machine; 0 = torch's default)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -255,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `trl-nca demo`. Returns the process exit code."""
-    from trl_nca.cli import hold_optional_kernel_logs
+    from trl_nca.cli_common import hold_optional_kernel_logs
 
     hold_optional_kernel_logs()  # the demo never quantizes: bitsandbytes' import-time kernel warnings are not for it
     parser = build_parser()
