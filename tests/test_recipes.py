@@ -37,8 +37,8 @@ RECIPES = sorted(
 )
 GPU_RECIPES = [p for p in RECIPES if p.parent.name != "tiny"]
 ACCELERATE_CONFIGS = sorted(ACCELERATE_DIR.glob("*.yaml"))
-GPU_ACCELERATE_CONFIGS = {"single_device", "ddp", "zero2", "zero3", "zero3_offload", "fsdp2"}
-CPU_ACCELERATE_CONFIGS = {"cpu_ddp", "cpu_zero3"}
+GPU_ACCELERATE_CONFIGS = {"single_device", "ddp", "zero2", "zero3", "zero3_offload", "fsdp2", "multinode_zero3"}
+CPU_ACCELERATE_CONFIGS = {"cpu_ddp", "cpu_zero3", "cpu_multinode_zero3"}
 # The authors' global batch (8 GPUs x 1 x 4 accumulation steps); every GPU recipe keeps it whatever its layout.
 GLOBAL_BATCH = 32
 # `trainer:` key -> the config and trainer classes it selects (trl_nca.scripts.train.TRAINERS).
@@ -198,8 +198,13 @@ def test_accelerate_config_loads(path):
         assert config.num_processes == 2 and config.mixed_precision == "no"
     else:
         assert config.mixed_precision == "bf16"
-        assert config.num_processes == (1 if path.stem == "single_device" else 8)
-    if path.stem.startswith(("zero3", "cpu_zero3")):
+        # num_processes is the total over the machines: 8 GPUs on each
+        assert config.num_processes == (1 if path.stem == "single_device" else 8 * config.num_machines)
+    assert config.num_machines == (2 if "multinode" in path.stem else 1)
+    if config.num_machines > 1:  # torchrun on every machine (no pdsh/ssh); machine 0 hosts global rank 0
+        assert config.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+        assert config.rdzv_backend == "static" and config.main_process_port is not None
+    if path.stem.startswith(("zero3", "cpu_zero3", "multinode_zero3", "cpu_multinode_zero3")):
         assert config.deepspeed_config["zero_stage"] == 3
         assert config.deepspeed_config["zero3_init_flag"] is True
         assert config.deepspeed_config["zero3_save_16bit_model"] is True
@@ -335,7 +340,8 @@ def test_demo_and_plot_dispatch_lazily(monkeypatch):
 def test_dataset_sources(source, tmp_path):
     from recipe_data import make_dataset
 
-    from trl_nca.scripts.train import NCAScriptArguments, load_raw_datasets
+    from trl_nca.scripts.train import NCAScriptArguments
+    from trl_nca.sources import load_raw_datasets
 
     data = make_dataset("reward", n_train=6, n_test=2)
     if source == "save_to_disk_dict":
