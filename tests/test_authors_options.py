@@ -1,4 +1,5 @@
-"""Reproducing the authors' exact objective: their tie-break (`score_A0 + 0.01`) and their truncation rule.
+"""Reproducing the authors' loss, tie-break (`score_A0 + 0.01`) and truncation rule; their collation (an empty system
+turn, attention-masked EOS tokens, a second EOS after each response) is not reproduced (docs/usage.md).
 
 Oracles are the authors' code written out per example (thu-ml/Noise-Contrastive-Alignment@cbb9248): `nca_loss` in
 `reward_trainer.py` (soft labels `softmax([A0 + 0.01, A1, A2, A3] / temperature_alpha)`, NCA =

@@ -78,7 +78,7 @@ class _KWayConfig(DPOConfig):
             (exactly `softmax(rewards / α)`; with α = 0 the tied best responses share the weight). `"first"`: the
             authors' code (`score_A0 + 0.01` in their `nca_loss`): 0.01 is added to the first response's reward
             before the softmax, so at small α a tie goes to the response listed first. Use it to reproduce their
-            runs; preference rows are unaffected. The bonus goes to the row's first response whatever its reward:
+            tie-break; preference rows are unaffected. The bonus goes to the row's first response whatever its reward:
             their data (the `authors_reward` format) and `prepare_reward_dataset` list the best response first.
         max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
             The authors' truncation (TRL < 0.12's DPO rule, as in their code) instead of DPOConfig's per-sequence

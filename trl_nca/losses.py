@@ -39,7 +39,9 @@ __all__ = [
     "weight_entropy",
 ]
 
-#: The authors' tie-break: `score_A0 + 0.01` before `softmax(scores / temperature_alpha)` (their `nca_loss`).
+#: The authors' tie-break: `score_A0 + 0.01` before `softmax(scores / temperature_alpha)` (their `nca_loss`). Their
+#: `temperature_alpha` divides the scores as our `alpha` does; a comment there says it is defined differently from the
+#: paper's α, so their YAML's 1e-4 is our `alpha=1e-4`, not necessarily the paper's α.
 AUTHORS_FIRST_RESPONSE_BONUS = 0.01
 
 

@@ -868,9 +868,10 @@ class NCATrainer(_KWayRewardTrainer):
     model rewards `ρ_i = β (log π_θ(y_i|x) − log μ(y_i|x))` and target weights `w = softmax(r / α)`, the loss is
     `−Σ_i w_i log σ(ρ_i) − (1/K) Σ_i log σ(−ρ_i)`. Unlike DPO/InfoNCA it optimises each response's absolute
     likelihood ratio rather than only their differences. The paper reports that this keeps the likelihood of the best
-    responses from falling; in our reproduction (docs/results.md) NCA lowers it less than DPO and InfoNCA, not never:
-    across a learning-rate × β grid it lowered it at 6 of 20 points (worst −0.98 nats) against 7 to 11 of 20 for the
-    five other methods (worst −3.55 to −13.27 nats).
+    responses from falling. Our reproduction on an offline task finds a weaker version: at equal learning rate and β it
+    lowers that likelihood at fewer settings than DPO and InfoNCA, but not never, it can dip mid-training and recover,
+    and with chosen responses the policy finds very unlikely every method raises it, NCA least; see docs/results.md
+    and docs/results_pool.md for the numbers and their intervals.
 
     Datasets: reward rows (`prompt`, `completions`, `rewards`; K may vary per row) or preference rows (`prompt`/
     `chosen`/`rejected`, or implicit prompt), standard text or conversational. On preference data the loss equals
