@@ -96,11 +96,18 @@ def test_rank_order_and_preference_pairs():
     every = P.preference_pairs([row], "best_all")
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in every] == [
         ("b", "a"),
-        ("b", "d"),
         ("b", "c"),
+        ("b", "d"),
     ]
+    # best vs random: one strictly worse response, drawn reproducibly; every one of them for some seed
+    drawn = {P.preference_pairs([row], "best_random", seed)[0]["rejected"][0]["content"] for seed in range(40)}
+    assert drawn == {"a", "c", "d"}
+    assert P.preference_pairs([row], "best_random", 3) == P.preference_pairs([row], "best_random", 3)
+    # NCA/InfoNCA on the same pairs: K = 2 rows, chosen first, with the pair's own rewards
+    assert P.pair_rows(worst) == [{"prompt": row["prompt"], "completions": [row["completions"][1], row["completions"][2]],
+                                   "rewards": [1.0, 0.2]}]  # fmt: skip
     tied = _row(["a", "b", "c", "d"], [0.5, 0.5, 0.5, 0.5])
-    assert P.preference_pairs([tied], "best_worst") == [] and P.preference_pairs([tied], "best_all") == []
+    assert all(P.preference_pairs([tied], mode) == [] for mode in ("best_worst", "best_all", "best_random"))
     with pytest.raises(ValueError):
         P.preference_pairs([row], "all_pairs")
 
@@ -349,11 +356,9 @@ def test_demo_rejects_unknown_choices(tmp_path):
 
 
 @pytest.mark.parametrize("underscore", [True, False])
-def test_demo_flags_take_underscores_like_the_other_commands(tmp_path, monkeypatch, underscore):
-    """`--output_dir` (as `trl-nca train/generate/iterate` spell it) and `--output-dir` both work, and reach
-    `--compare` too."""
-    import trl_nca.demo.compare
-    from trl_nca.demo.run import build_parser, main
+def test_demo_flags_take_underscores_like_the_other_commands(tmp_path, underscore):
+    """`--output_dir` (as `trl-nca train/generate/iterate` spell it) and `--output-dir` both work."""
+    from trl_nca.demo.run import build_parser
 
     def flag(name: str) -> str:
         return name if underscore else name.replace("_", "-")
@@ -361,150 +366,49 @@ def test_demo_flags_take_underscores_like_the_other_commands(tmp_path, monkeypat
     argv = [flag("--output_dir"), str(tmp_path / "d"), flag("--learning_rate"), "0.5", flag("--no_progress")]
     args = build_parser().parse_args(argv)
     assert (args.output_dir, args.learning_rate, args.no_progress) == (str(tmp_path / "d"), 0.5, True)
-    forwarded = []
-    monkeypatch.setattr(trl_nca.demo.compare, "main", lambda argv: forwarded.append(argv) or 0)
-    assert main(["--compare", flag("--output_dir"), str(tmp_path / "c")]) == 0
-    assert forwarded[0][:2] == ["--output-dir", str(tmp_path / "c")]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The results report's claim verdicts
-# ---------------------------------------------------------------------------------------------------------------------
+def _demo_import_graph() -> dict[str, set[str]]:
+    """`{module: the trl_nca.demo modules it imports}` for trl_nca/demo/*.py, imports inside functions included."""
+    import ast
+    from pathlib import Path
+
+    import trl_nca.demo
+
+    graph = {}
+    for path in Path(trl_nca.demo.__file__).parent.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+        graph[path.stem] = {n.removeprefix("trl_nca.demo.") for n in names if n.startswith("trl_nca.demo.")}
+    return graph
 
 
-def _fake_results(best_change: dict[str, list[float]], reward: dict[str, list[float]]) -> dict:
-    runs = []
-    for method in ("sft", "dpo", "dpo_all", "infonca", "nca"):
-        for seed in range(3):
-            runs.append(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "hparams": {"learning_rate": 1e-3, "beta": 0.1, "alpha": 0.1},
-                    "reward_sampled": reward[method][seed],
-                    "best_logp_change": 0.0 if method == "sft" else best_change[method][seed],
-                }
-            )
-    return {"runs": runs, "tuning": [], "methods": ["nca", "infonca", "dpo", "dpo_all"]}
+def test_demo_modules_import_each_other_without_a_circle():
+    from graphlib import CycleError, TopologicalSorter
+
+    graph = _demo_import_graph()
+    assert graph["run"] >= {"pipeline", "report"} and "pipeline" in graph["report"] and "task" in graph["pipeline"]
+    assert not any("compare" in imported for imported in graph.values())
+    list(TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+    with pytest.raises(CycleError):  # ... as it would if the pipeline called back into the command
+        list(TopologicalSorter({**graph, "pipeline": graph["pipeline"] | {"run"}}).static_order())
 
 
-def test_claim_verdicts_follow_the_numbers():
-    from trl_nca.demo.compare import claims_section
+def test_demo_compare_is_gone_with_one_line_saying_where_the_reproduction_is(tmp_path, capsys):
+    """`trl-nca demo --compare` (whatever else it is given) exits 2 with one line naming the script, runs nothing and
+    loads no reproduction code."""
+    import sys
 
-    up = {
-        "sft": [0.8] * 3,
-        "dpo": [0.81, 0.82, 0.80],
-        "dpo_all": [0.82, 0.80, 0.81],
-        "infonca": [0.85] * 3,
-        "nca": [0.88, 0.87, 0.86],
-    }
-    falls = {
-        "dpo": [-1.0, -0.8, -1.2],
-        "dpo_all": [-2.0] * 3,
-        "infonca": [-0.5, -0.4, -0.6],
-        "nca": [0.01, -0.02, 0.0],
-    }
-    text = "\n".join(claims_section(_fake_results(falls, up)))
-    assert "Verdict: **reproduced: both K-way" in text
-    assert "Verdict: **reproduced: the other methods lower" in text
+    from trl_nca.demo.run import main
 
-    down = {m: list(reversed(v)) if m != "sft" else v for m, v in up.items()}
-    down["nca"] = [0.70, 0.71, 0.72]
-    down["infonca"] = [0.70, 0.71, 0.72]
-    nca_falls = dict(falls, nca=[-0.3, -0.2, -0.35])
-    text = "\n".join(claims_section(_fake_results(nca_falls, down)))
-    assert "Verdict: **not reproduced: no K-way method" in text
-    assert "Verdict: **partly reproduced: NCA lowers the best response's likelihood less" in text
-
-    none_fall = {"dpo": [0.3] * 3, "dpo_all": [0.35] * 3, "infonca": [0.31] * 3, "nca": [0.28, 0.29, 0.27]}
-    assert "Verdict: **not reproduced at the selected hyper-parameters" in "\n".join(
-        claims_section(_fake_results(none_fall, up))
-    )
-
-    nca_lowest = dict(falls, nca=[-3.0, -3.0, -3.0])
-    assert "Verdict: **not reproduced: NCA is not above" in "\n".join(claims_section(_fake_results(nca_lowest, up)))
-
-
-def _full_fake_results(methods=P.METHODS) -> dict:
-    """A `run_comparison` result for `write_results_md`, every number made up (seeded by method and seed)."""
-    from dataclasses import asdict
-
-    def record(method, seed, lr=1e-3, beta=0.5, alpha=0.1):
-        rng = random.Random(f"{method}-{seed}-{lr}-{beta}")
-        changes = [0.0] * 4 if method == "sft" else [rng.uniform(-2, 1) for _ in range(4)]
-        return {
-            "method": method,
-            "seed": seed,
-            "hparams": {"learning_rate": lr, "beta": beta, "alpha": alpha},
-            "likelihood": [{"step": s, "logps_by_rank": [rng.uniform(-9, -3) for _ in range(4)]} for s in (0, 8)],
-            "reward_sampled": rng.uniform(0.8, 0.95),
-            "exact_sampled": rng.uniform(0.4, 0.6),
-            "reward_greedy": rng.uniform(0.9, 1.0),
-            "best_logp_change": changes[0],
-            "rank_logp_change": changes,
-            "ideal_logp_change": rng.uniform(-1, 1),
-            "ranking_accuracy": None if method == "sft" else rng.uniform(0.3, 0.6),
-        }
-
-    seeds, grid = [0, 1, 2], {"learning_rate": [1e-4, 1e-3], "beta": [0.5, 2.0], "alpha": 0.1}
-    tuning = [record("sft", 1000)] + [
-        record(m, 1000, lr, beta) for m in methods for lr in grid["learning_rate"] for beta in grid["beta"]
-    ]
-    return {
-        "size": "tiny",
-        "regime": "self",
-        "preset": asdict(P.PRESETS["tiny"]),
-        "K": 4,
-        "seeds": seeds,
-        "tuning_seed": 1000,
-        "grid": grid,
-        "methods": list(methods),
-        "selected": {m: {"learning_rate": 1e-3, "beta": 0.5, "alpha": 0.1} for m in methods},
-        "tuning": tuning,
-        "runs": [record(m, s) for s in seeds for m in ("sft", *methods)],
-        "ablation": [record(m, s, alpha=0.0) for s in seeds for m in ("nca", "infonca")],
-        "data": {
-            str(s): {"n_train_prompts": 64, "n_trainable": 63, "reward_by_model": {"sft": {"mean": 0.8}}}
-            for s in seeds
-        },
-        "wall_s": 60.0,
-        "machine": "test",
-        "command": "python scripts/reproduce_results.py",
-    }
-
-
-def test_results_report_has_the_listwise_baselines_and_their_paired_differences_vs_nca(tmp_path):
-    from trl_nca.demo.compare import _paired, write_results_md
-
-    results = _full_fake_results()
-    path = write_results_md(results, tmp_path / "results.md", tmp_path / "img", results["command"])
-    text = path.read_text()
-    runs = {m: [r for r in results["runs"] if r["method"] == m] for m in P.METHODS}
-    test_table = text[text.index("## Test results") : text.index("Change of the test log-likelihood")]
-    tuning_table = text[text.index("## Tuning") :]
-    for method in P.LISTWISE_METHODS:
-        label = P.METHOD_LABELS[method]
-        assert f"| {label} | 0.001 / 0.5 |" in test_table  # no α: the listwise losses have none
-        assert f"| {label} |" in text[text.index("| rank 0 |") :]  # the likelihood-by-rank table
-        assert label in tuning_table.splitlines()[4]  # a column of the tuning grid
-        assert f"- {label}: " in text[text.index("**Claim 2**") :]
-        for key, digits in (("reward_sampled", 3), ("best_logp_change", 2)):
-            diffs = _paired(runs, "nca", method, key)
-            per_seed = ", ".join(f"{d:+.{digits}f}" for d in diffs)
-            assert f"- NCA − {label}: " in text and f"per seed {per_seed})" in text
-    assert not any(f"{P.METHOD_LABELS[m]} (α = 0)" in text for m in P.LISTWISE_METHODS)  # ablation: NCA/InfoNCA
-    assert all((tmp_path / "img" / name).is_file() for name in ("final_metrics.png", "likelihood_by_method.png"))
-
-    # --from-json re-renders from a results file and says so
-    from trl_nca.demo.compare import main
-
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    assert main(["--from-json", str(tmp_path / "results.json"), "--docs-dir", str(tmp_path / "docs")]) == 0
-    rendered = (tmp_path / "docs" / "results.md").read_text()
-    assert f"from `{tmp_path / 'results.json'}`" in rendered and "--from-json" in rendered
-    assert rendered.split("```")[1:] == text.split("```")[1:]  # the same page below its first line
-
-    # a run without the listwise baselines (e.g. an older results.json) renders without them
-    old = _full_fake_results(methods=("nca", "infonca", "dpo", "dpo_all"))
-    text = write_results_md(old, tmp_path / "old.md", tmp_path / "img-old", old["command"]).read_text()
-    assert "Plackett-Luce" not in text and "LiPO" not in text and "# Results: NCA vs InfoNCA vs DPO on the" in text
+    for argv in (["--compare"], ["--compare", "--output_dir", str(tmp_path / "c"), "--seeds", "3", "--size", "tiny"]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+        assert captured.err.startswith("trl-nca demo: error: --compare")
+        assert "python scripts/reproduce_results.py" in captured.err
+    assert not (tmp_path / "c").exists() and "trl_nca.demo.compare" not in sys.modules

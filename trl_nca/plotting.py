@@ -25,7 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainerStateError", "find_trainer_state", "load_log_history", "metric_series", "plot_run", "main"]
+__all__ = [
+    "TrainerStateError",
+    "draw_panels",
+    "find_trainer_state",
+    "load_log_history",
+    "metric_series",
+    "plot_run",
+    "main",
+]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -112,28 +120,33 @@ def _import_matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def _draw(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[float], list[float], bool]]) -> Path:
-    """One PNG with one line per (label, steps, values, is_eval); eval lines are dashed with markers."""
+Line = tuple[str, list[float], list[float], bool]  # (label, steps, values, is_eval)
+
+
+def draw_panels(path: str | Path, title: str, panels: list[tuple[str, str, list[Line]]]) -> Path:
+    """One PNG at `path`: side-by-side panels, one per `(panel title, y label, lines)` (a panel without a title gets
+    `title`), each line a `(label, steps, values, is_eval)`; eval lines are dashed with markers, a label keeps its
+    colour across panels, the legend is on the first panel. matplotlib draws on the Agg canvas (no pyplot state)."""
     figure_cls, canvas_cls = _import_matplotlib()
-    figure = figure_cls(figsize=(7, 4.5), dpi=100)
+    figure = figure_cls(figsize=(1 + 6 * len(panels), 4.5), dpi=100)
     canvas_cls(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    colors = {}
-    for label, steps, values, is_eval in lines:
-        base = label.removeprefix("eval ")
-        color = colors.setdefault(base, f"C{len(colors) % 10}")
-        if is_eval:
-            axes.plot(steps, values, linestyle="--", marker="o", markersize=3, color=color, label=label)
-        else:
-            axes.plot(steps, values, color=color, label=label)
-    axes.set_title(title)
-    axes.set_xlabel("step")
-    axes.set_ylabel(ylabel)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
+    colors: dict[str, str] = {}
+    for i, (panel_title, ylabel, lines) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), i + 1)
+        for label, steps, values, is_eval in lines:
+            color = colors.setdefault(label.removeprefix("eval "), f"C{len(colors) % 10}")
+            style = dict(linestyle="--", marker="o", markersize=3) if is_eval else {}
+            axes.plot(steps, values, color=color, label=label, **style)
+        axes.set(title=panel_title or title, xlabel="step", ylabel=ylabel)
+        axes.grid(True, alpha=0.3)
+        if i == 0:
+            axes.legend(fontsize="small")
+    if len(panels) > 1:
+        figure.suptitle(title)
     figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
-    return path
+    return Path(path)
 
 
 def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -174,8 +187,7 @@ def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[
                 if steps:
                     lines.append((("eval " if is_eval else "") + label, steps, values, is_eval))
         if lines:
-            out.mkdir(parents=True, exist_ok=True)
-            written.append(_draw(out / filename, title, ylabel, lines))
+            written.append(draw_panels(out / filename, title, [("", ylabel, lines)]))
     return written
 
 

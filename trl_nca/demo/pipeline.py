@@ -4,7 +4,7 @@ alignment (NCA, InfoNCA, the listwise Plackett-Luce / LiPO-λ or TRL's DPO), eva
 Every stage is deterministic under its seed (CPU, fixed batch sizes) and reuses TRL and trl-nca's library modules:
 `trl.SFTTrainer` for the warm start, `trl_nca.reward_data.build_reward_dataset` (the `trl-nca generate` machinery) for
 the reward data, `trl_nca.generation` for sampling, `trl.DPOTrainer` or trl-nca's trainers for alignment.
-`trl_nca.demo.run` (`trl-nca demo`) and `trl_nca.demo.compare` (the reproduction) call these.
+`trl_nca.demo.run` (`trl-nca demo`) and `scripts/reproduce_results.py` (the reproduction) call these.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from trl_nca.callbacks import LabelledProgressCallback
+from trl_nca.callbacks import label_progress_bars
 from trl_nca.demo.task import (
     demonstrate,
     format_prompt,
@@ -35,19 +34,29 @@ from trl_nca.demo.task import (
 )
 
 K = 4  # responses sampled per prompt
-METHODS = ("nca", "infonca", "dpo", "dpo_all", "plackett_luce", "lipo_lambda")
+METHODS = (
+    "nca", "infonca", "dpo", "dpo_all", "dpo_random", "nca_pair", "infonca_pair", "plackett_luce", "lipo_lambda",
+)  # fmt: skip
 METHOD_LABELS = {
     "sft": "SFT only",
     "nca": "NCA",
     "infonca": "InfoNCA",
     "dpo": "DPO (best vs worst)",
     "dpo_all": "DPO (best vs each other)",
+    "dpo_random": "DPO (best vs random)",
+    "nca_pair": "NCA (best-vs-random pairs)",
+    "infonca_pair": "InfoNCA (best-vs-random pairs)",
     "plackett_luce": "Plackett-Luce DPO",
     "lipo_lambda": "LiPO-λ",
 }
 # Trained by `trl_nca.ListwiseTrainer` with loss_type [method] on all K responses (the others' baselines, issue #20).
 LISTWISE_METHODS = ("plackett_luce", "lipo_lambda")
-REGIMES = ("self", "pool")
+# The DPO baselines' pairs (`preference_pairs` modes) and the NCA/InfoNCA runs on dpo_random's pairs (K = 2).
+PAIR_MODES = {"dpo": "best_worst", "dpo_all": "best_all", "dpo_random": "best_random", "nca_pair": "best_random",
+              "infonca_pair": "best_random"}  # fmt: skip
+# "self": the SFT model's own samples; "pool": one response from each of 4 other models; "offpolicy": the pool's
+# responses with every exact answer rewritten one digit per line (`offpolicy_rows`), which the policy finds unlikely.
+REGIMES = ("self", "pool", "offpolicy")
 # The "pool" regime's response writers: SFT models trained like the policy on demonstrators of these accuracies.
 POOL_P_CORRECT = (0.1, 0.4, 0.7, 0.95)
 
@@ -86,27 +95,12 @@ class Preset:
 
 
 # "small": the default demo and the reproduction. "tiny": the whole pipeline in well under a minute, for the tests.
-_SMALL = Preset(
-    name="small",
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    min_len=3,
-    max_len=7,
-    n_demos=6000,
-    sft_epochs=3,
-    sft_lr=3e-3,
-    sft_batch=64,
-    p_correct=0.4,
-    n_train=1024,
-    n_val=128,
-    n_test=256,
-    align_steps=64,
-    align_batch=16,
-    probe_every=8,
-)
 # fmt: off
+_SMALL = Preset(
+    name="small", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, min_len=3,
+    max_len=7, n_demos=6000, sft_epochs=3, sft_lr=3e-3, sft_batch=64, p_correct=0.4, n_train=1024, n_val=128,
+    n_test=256, align_steps=64, align_batch=16, probe_every=8,
+)
 PRESETS: dict[str, Preset] = {
     "tiny": replace(
         _SMALL, name="tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -128,37 +122,21 @@ class AlignHParams:
 
 
 # The demo's defaults per size and trainer. For "small" these are the grid points the reproduction selected on the
-# validation split of its tuning seed (docs/results.md, "Tuning"); "tiny" only exercises the code paths.
+# validation splits of its tuning seeds (docs/results/self.json, a test checks it); "tiny" only exercises the code.
 DEFAULT_HPARAMS: dict[str, dict[str, AlignHParams]] = {
     "tiny": {method: AlignHParams(learning_rate=1e-3, beta=0.1, alpha=0.1) for method in METHODS},
     "small": {
         "nca": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
         "infonca": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
         "dpo": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
-        "dpo_all": AlignHParams(learning_rate=1e-3, beta=2.0, alpha=0.1),
+        "dpo_all": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
         "plackett_luce": AlignHParams(learning_rate=1e-3, beta=0.5, alpha=0.1),
         "lipo_lambda": AlignHParams(learning_rate=3e-4, beta=2.0, alpha=0.1),
     },
 }
 
 
-class _BarOnlyProgress(LabelledProgressCallback):
-    """A labelled progress bar without the dump of every logged metrics dict (metrics stay in `log_history`)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
-        return None
-
-
-def quiet_logs(trainer: Any, label: str) -> None:
-    """Keep a trainer's progress bar (if any), labelled, but stop it from printing each logged metrics dict."""
-    trainer.remove_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_BarOnlyProgress(label))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Stage 1-2: tokenizer, model, SFT warm start
-# ---------------------------------------------------------------------------------------------------------------------
+# --- Stage 1-2: tokenizer, model, SFT warm start ---------------------------------------------------------------------
 
 
 def build_demo_tokenizer() -> PreTrainedTokenizerBase:
@@ -254,7 +232,7 @@ def train_sft(
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(demo_rows), processing_class=tokenizer
     )
-    quiet_logs(trainer, label)
+    label_progress_bars(trainer, label, print_logs=False)
     trainer.train()
     model = trainer.model.eval()
     model.save_pretrained(output_dir)
@@ -269,9 +247,7 @@ def load_model(path: str | Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Stage 3: sampling and the reward dataset
-# ---------------------------------------------------------------------------------------------------------------------
+# --- Stage 3: sampling and the reward dataset ------------------------------------------------------------------------
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
@@ -329,27 +305,51 @@ def rank_order(rewards: Sequence[float]) -> list[int]:
     return sorted(range(len(rewards)), key=lambda i: -rewards[i])
 
 
-def preference_pairs(rows: Sequence[dict[str, Any]], mode: str = "best_worst") -> list[dict[str, Any]]:
-    """Turn K-way reward rows into DPO pairs: `best_worst` (one pair per prompt) or `best_all` (the best response
-    against each strictly worse one). Prompts whose responses all tie carry no preference and are skipped."""
-    if mode not in ("best_worst", "best_all"):
-        raise ValueError(f"Unknown pairing mode {mode!r}")
-    pairs = []
+def preference_pairs(rows: Sequence[dict[str, Any]], mode: str = "best_worst", seed: int = 0) -> list[dict[str, Any]]:
+    """Turn K-way reward rows into DPO pairs with `trl_nca.converters`: `best_worst` (one pair per prompt),
+    `best_random` (the best against one strictly worse response drawn uniformly, seeded by `seed` and the prompt: the
+    `ultrafeedback_binarized` recipe) or `best_all` (the best against each strictly worse one). Prompts whose responses
+    all tie carry no preference and are skipped. Pairs keep their rewards (`score_chosen`, `score_rejected`)."""
+    from trl_nca.converters import reward_to_preference, reward_to_preference_pairs
+
+    modes = {"best_worst": "best_vs_worst", "best_random": "best_vs_random", "best_all": "best_vs_rest"}
+    if mode not in modes:
+        raise ValueError(f"Unknown pairing mode {mode!r}; choose from {sorted(modes)}.")
+    rows = [r for r in rows if max(r["rewards"]) > min(r["rewards"])]
+    if mode == "best_all":
+        batch = {key: [r[key] for r in rows] for key in ("prompt", "completions", "rewards")}
+        pairs = reward_to_preference_pairs(batch, modes[mode])
+        return [dict(zip(pairs, values)) for values in zip(*pairs.values())]
+    return [reward_to_preference(r, modes[mode], seed=seed) for r in rows]
+
+
+def pair_rows(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DPO pairs as K = 2 reward rows (chosen first, with the pair's own rewards) for NCA/InfoNCA on the same pairs."""
+    return [
+        {
+            "prompt": p["prompt"],
+            "completions": [p["chosen"], p["rejected"]],
+            "rewards": [p["score_chosen"], p["score_rejected"]],
+        }
+        for p in pairs
+    ]
+
+
+def offpolicy_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The "offpolicy" regime's rows: every response with reward 1.0 (the exact answer) rewritten one digit per line.
+    `task.sort_reward` splits on whitespace, so the rewards do not change; the policy, which only ever saw
+    space-separated answers, finds the rewritten form very unlikely."""
+    out = []
     for row in rows:
-        order = rank_order(row["rewards"])
-        best = order[0]
-        others = order[-1:] if mode == "best_worst" else order[1:]
-        for j in others:
-            if row["rewards"][j] < row["rewards"][best]:
-                pairs.append(
-                    {"prompt": row["prompt"], "chosen": row["completions"][best], "rejected": row["completions"][j]}
-                )
-    return pairs
+        completions = [
+            [{**c[0], "content": "\n".join(c[0]["content"].split())}] if reward == 1.0 else c
+            for c, reward in zip(row["completions"], row["rewards"], strict=True)
+        ]
+        out.append({**row, "completions": completions})
+    return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Log-likelihoods of given responses (evaluation and the likelihood probe)
-# ---------------------------------------------------------------------------------------------------------------------
+# --- Log-likelihoods of given responses (evaluation and the likelihood probe) ----------------------------------------
 
 
 @torch.no_grad()
@@ -421,9 +421,7 @@ class RankLikelihoodProbe(TrainerCallback):
             self._record(model, state.global_step)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Stage 4: alignment
-# ---------------------------------------------------------------------------------------------------------------------
+# --- Stage 4: alignment ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -435,6 +433,7 @@ class AlignResult:
     likelihood: list[dict[str, Any]]
     wall_s: float
     n_train_rows: int
+    batch: int  # rows per optimizer step
 
 
 def align(
@@ -454,11 +453,13 @@ def align(
     - ``nca`` / ``infonca``: `trl_nca.NCATrainer` / `InfoNCATrainer` on all K responses per prompt;
     - ``dpo``: `trl.DPOTrainer` (sigmoid loss) on the best-vs-worst pair of each prompt;
     - ``dpo_all``: `trl.DPOTrainer` on the best response against each strictly worse one;
+    - ``dpo_random``: `trl.DPOTrainer` on the best against a random strictly worse one (the paper's binarisation);
+    - ``nca_pair`` / ``infonca_pair``: NCA / InfoNCA on exactly ``dpo_random``'s pairs (K = 2, their own rewards);
     - ``plackett_luce`` / ``lipo_lambda``: `trl_nca.ListwiseTrainer` with that loss_type on all K responses (LiPO-λ's
       labels are the rewards as given: the demo's lie in [0, 1]).
 
     Budget, identical for all methods: `preset.align_steps` optimizer steps, each on the data of `preset.align_batch`
-    prompts (``dpo_all`` gets (K-1)x as many pairs per step, i.e. the same prompts' worth), cosine schedule with 10%
+    prompts (``dpo_all`` gets (K-1)x as many pairs per step), cosine schedule with 10%
     warm-up, the same reference model (the SFT model) and seed. `probe_rows` (reward rows, optional) are scored by a
     `RankLikelihoodProbe` every `preset.probe_every` steps; its history is `AlignResult.likelihood`.
     """
@@ -489,19 +490,21 @@ def align(
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
     )
-    if method in ("dpo", "dpo_all"):
+    if method in ("dpo", "dpo_all", "dpo_random"):
         from trl import DPOConfig, DPOTrainer
 
-        rows = preference_pairs(train_rows, "best_worst" if method == "dpo" else "best_all")
+        rows = preference_pairs(train_rows, PAIR_MODES[method], seed)
         batch = preset.align_batch * (K - 1 if method == "dpo_all" else 1)
         args = DPOConfig(**common, per_device_train_batch_size=batch, loss_type=["sigmoid"])
         trainer_cls = DPOTrainer
     else:
         from trl_nca import InfoNCAConfig, InfoNCATrainer, ListwiseConfig, ListwiseTrainer, NCAConfig, NCATrainer
 
-        rows = list(train_rows)
+        rows = (
+            pair_rows(preference_pairs(train_rows, PAIR_MODES[method], seed)) if method in PAIR_MODES else train_rows
+        )
         kway = {"nca": (NCAConfig, NCATrainer), "infonca": (InfoNCAConfig, InfoNCATrainer)}
-        config_cls, trainer_cls = kway.get(method, (ListwiseConfig, ListwiseTrainer))
+        config_cls, trainer_cls = kway.get(method.removesuffix("_pair"), (ListwiseConfig, ListwiseTrainer))
         # listwise: lipo_label_normalization stays "none", the demo's rewards lie in [0, 1]
         own = {"loss_type": [method]} if method in LISTWISE_METHODS else {"alpha": hparams.alpha}
         args = config_cls(**common, per_device_train_batch_size=preset.align_batch, **own)
@@ -514,7 +517,7 @@ def align(
         processing_class=tokenizer,
         callbacks=[probe] if probe is not None else None,
     )
-    quiet_logs(trainer, f"{METHOD_LABELS[method]} alignment")
+    label_progress_bars(trainer, f"{METHOD_LABELS[method]} alignment", print_logs=False)
     trainer.train()
     wall = time.perf_counter() - start
     return AlignResult(
@@ -523,12 +526,11 @@ def align(
         likelihood=probe.history if probe is not None else [],
         wall_s=wall,
         n_train_rows=len(rows),
+        batch=args.per_device_train_batch_size,
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Stage 5: evaluation
-# ---------------------------------------------------------------------------------------------------------------------
+# --- Stage 5: evaluation ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -539,6 +541,7 @@ class Reference:
     logps: torch.Tensor  # (N, K) SFT log-likelihood of those responses
     ideal_rows: list[dict[str, Any]]  # the same prompts with the ideal answer as the only completion
     ideal_logps: torch.Tensor  # (N, 1)
+    sft_model: PreTrainedModel | None = None  # for the sampled KL(π‖μ) estimate
 
 
 def make_reference(
@@ -557,6 +560,7 @@ def make_reference(
         logps=completion_logps(sft_model, tokenizer, rows),
         ideal_rows=ideal_rows,
         ideal_logps=completion_logps(sft_model, tokenizer, ideal_rows),
+        sft_model=sft_model,
     )
 
 
@@ -568,14 +572,20 @@ def evaluate_policy(
     seed: int,
     show_progress: bool = True,
     desc: str = "Evaluating",
+    sampling_seeds: Sequence[int] = (10_007,),
 ) -> dict[str, Any]:
     """Ground-truth reward of the model's own outputs on the held-out prompts, and likelihood changes vs the SFT model.
 
-    - `reward_sampled`: mean reward of `preset.eval_samples` responses per prompt, sampled at temperature 1 with a
-      fixed seed (the distribution the KL-regularised objectives shape); `reward_greedy`: greedy decoding.
+    - `reward_sampled`: mean reward of `preset.eval_samples` responses per prompt, sampled at temperature 1 with each
+      of the fixed `sampling_seeds` (offsets added to `seed`; `reward_sampled_by_sampling_seed`) and averaged (the
+      distribution the KL-regularised objectives shape); `reward_greedy`: greedy decoding.
+    - `kl`: sampled estimate of KL(π‖μ) per response, the mean of log π(y|x) - log μ(y|x) over the first sampling
+      seed's samples y ~ π (μ = `reference.sft_model`; 0 without one).
     - `best_logp_change`: mean change (nats, summed over tokens) of the log-likelihood of each prompt's best held-out
       response (an SFT sample, or a pool model's response); `rank_logp_change`: the same for every rank (best ...
-      worst); `ideal_logp_change`: for the ideal answer (the sorted list), which the responses may not contain.
+      worst); `ideal_logp_change`: for the ideal answer (the sorted list), which the responses may not contain;
+      `best_logp` / `greedy_logp`: mean log π of the best held-out response / of the model's greedy answer;
+      `best_is_greedy`: fraction of prompts where a best-rewarded held-out response is the greedy answer.
     - `ranking_accuracy`: fraction of held-out prompts (with at least two distinct rewards) where the implicit reward
       log π/μ is highest on a best-rewarded response (`rewards/accuracies` in the trainers' logs); `None` for the SFT
       model itself, whose implicit rewards are all zero.
@@ -591,38 +601,60 @@ def evaluate_policy(
         )  # fmt: skip
         return [[completion_text(x.completion).strip() for x in xs] for xs in samples]
 
-    sampled = texts(SamplingOptions(temperature=1.0, max_new_tokens=24), preset.eval_samples, seed + 10_007, "sampled")
-    greedy = texts(SamplingOptions(max_new_tokens=24, do_sample=False), 1, seed, "greedy")
-    rewards_sampled = [sort_reward(p[0]["content"], t) for p, ts in zip(prompts, sampled) for t in ts]
-    rewards_greedy = [sort_reward(p[0]["content"], ts[0]) for p, ts in zip(prompts, greedy)]
-    delta = completion_logps(model, tokenizer, reference.rows) - reference.logps
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    sampling = SamplingOptions(temperature=1.0, max_new_tokens=24)
+    sampled = [texts(sampling, preset.eval_samples, seed + offset, "sampled") for offset in sampling_seeds]
+    greedy = [ts[0] for ts in texts(SamplingOptions(max_new_tokens=24, do_sample=False), 1, seed, "greedy")]
+    rewards = [[sort_reward(p[0]["content"], t) for p, ts in zip(prompts, s) for t in ts] for s in sampled]
+    by_seed = [mean(r) for r in rewards]
+    rewards_greedy = [sort_reward(p[0]["content"], g) for p, g in zip(prompts, greedy)]
+
+    def logps(rows: list[dict[str, Any]], of: PreTrainedModel = model) -> torch.Tensor:
+        return completion_logps(of, tokenizer, rows)
+
+    sample_rows = [
+        {"prompt": p, "completions": [assistant_message(t) for t in ts]} for p, ts in zip(prompts, sampled[0])
+    ]
+    kl = 0.0
+    if reference.sft_model is not None and reference.sft_model is not model:
+        kl = (logps(sample_rows) - logps(sample_rows, reference.sft_model)).mean().item()
+    policy_logps = logps(reference.rows)
+    delta = policy_logps - reference.logps
     ranked = by_rank(delta, reference.rows)
-    ideal_delta = completion_logps(model, tokenizer, reference.ideal_rows) - reference.ideal_logps
-    hits, counted = 0, 0
+    ideal_delta = logps(reference.ideal_rows) - reference.ideal_logps
+    greedy_logp = logps([{"prompt": p, "completions": [assistant_message(g)]} for p, g in zip(prompts, greedy)])
+    hits, counted, best_is_greedy = 0, 0, 0
     for i, row in enumerate(reference.rows):
-        rewards = row["rewards"]
-        if max(rewards) == min(rewards):
-            continue
-        counted += 1
-        hits += rewards[int(delta[i].argmax())] == max(rewards)
+        top = max(row["rewards"])
+        best_is_greedy += greedy[i] in [
+            c[0]["content"].strip() for c, r in zip(row["completions"], row["rewards"]) if r == top
+        ]
+        if top > min(row["rewards"]):
+            counted += 1
+            hits += row["rewards"][int(delta[i].argmax())] == top
     is_reference = bool(torch.all(delta.abs() < 1e-4))
     return {
-        "reward_sampled": sum(rewards_sampled) / len(rewards_sampled),
-        "reward_greedy": sum(rewards_greedy) / len(rewards_greedy),
-        "exact_sampled": sum(r == 1.0 for r in rewards_sampled) / len(rewards_sampled),
+        "reward_sampled": mean(by_seed),
+        "reward_sampled_by_sampling_seed": by_seed,
+        "reward_greedy": mean(rewards_greedy),
+        "exact_sampled": mean([r == 1.0 for rs in rewards for r in rs]),
+        "kl": kl,
         "best_logp_change": ranked[:, 0].mean().item(),
         "rank_logp_change": ranked.mean(0).tolist(),
         "ideal_logp_change": ideal_delta.mean().item(),
+        "best_logp": by_rank(policy_logps, reference.rows)[:, 0].mean().item(),
+        "greedy_logp": greedy_logp.mean().item(),
+        "best_is_greedy": best_is_greedy / max(1, len(reference.rows)),
         "ranking_accuracy": None if is_reference or counted == 0 else hits / counted,
         "examples": [
-            {"prompt": p[0]["content"], "greedy": g[0], "sampled": s} for p, g, s in zip(prompts[:5], greedy, sampled)
+            {"prompt": p[0]["content"], "greedy": g, "sampled": s} for p, g, s in zip(prompts[:5], greedy, sampled[0])
         ],
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Seed-level preparation (cached): SFT model + reward datasets
-# ---------------------------------------------------------------------------------------------------------------------
+# --- Seed-level preparation (cached): SFT model + reward datasets ----------------------------------------------------
 
 
 @dataclass
@@ -652,13 +684,17 @@ def prepare(
     `regime` says who writes the K responses: ``"self"``, K samples from the SFT model (the policy) itself;
     ``"pool"``, one response each from K other models (`workdir/pool/`), SFT models of the same size and recipe
     trained on demonstrators of different accuracy (`preset.pool_p_correct`) from their own initialisations and
-    prompts, as UltraFeedback's responses come from models other than the one being aligned.
+    prompts, as UltraFeedback's responses come from models other than the one being aligned; ``"offpolicy"``, the
+    pool's rows (the same cache) through `offpolicy_rows`.
     """
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     if regime not in REGIMES:
         raise ValueError(f"Unknown regime {regime!r}; choose from {REGIMES}.")
+    if regime == "offpolicy":
+        pool = prepare(preset, seed, workdir, show_progress, log, regime="pool")
+        return replace(pool, data={split: offpolicy_rows(rows) for split, rows in pool.data.items()})
     workdir = Path(workdir)
     sft_dir, data_dir = workdir / "sft", workdir / "reward_data"
     meta = json.loads(json.dumps({"preset": asdict(preset), "seed": seed, "K": K, "regime": regime, "format": 2}))

@@ -1,16 +1,15 @@
 """`trl-nca demo`: the whole alignment pipeline on a CPU in a few minutes, offline.
 
     trl-nca demo [--output_dir DIR] [--trainer TRAINER] [--seed N] [--size tiny|small]
-    trl-nca demo --compare [--output_dir DIR]     # the reproduction (see scripts/reproduce_results.py)
 
 Multi-word flags are spelled with `_` like those of the other `trl-nca` commands, or with `-` (`--output-dir`).
-
 Stages: tokenizer + Mistral-architecture model built in code → SFT warm start (`trl.SFTTrainer`) on imperfect
 demonstrations of digit sorting → K=4 samples per training prompt scored by the ground-truth reward (DIR/reward_data)
 → alignment (TRAINER: `NCATrainer` by default, `InfoNCATrainer`, `trl.DPOTrainer` on best-vs-worst pairs or
-`ListwiseTrainer`'s Plackett-Luce / LiPO-λ; see `TRAINER_CHOICES`) → held-out evaluation before/after. Writes
-DIR/TRAINER/metrics.json, report.md and likelihood.png (one folder per trainer, so runs of other trainers in the same
-DIR, which reuse its cached SFT model and reward data, never overwrite them).
+`ListwiseTrainer`'s Plackett-Luce / LiPO-λ) → held-out evaluation before/after. Writes DIR/TRAINER/metrics.json,
+report.md and likelihood.png (one folder per trainer: runs of other trainers in the same DIR reuse its cached SFT
+model and reward data and never overwrite them). The reproduction behind docs/results.md is
+`python scripts/reproduce_results.py` in a checkout of the repository.
 """
 
 from __future__ import annotations
@@ -26,10 +25,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 TRAINER_CHOICES = ("nca", "infonca", "dpo", "dpo_all", "plackett_luce", "lipo_lambda")
-
-
 _DEMO_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -40,39 +38,25 @@ def demo_runtime(threads: int) -> Iterator[None]:
     (tests, notebooks) leaves no trace."""
     import datasets
     import torch
-    import transformers
+    from transformers.utils import logging as hf_logging
 
-    env = dict(_DEMO_ENV)
-    if not torch.cuda.is_available():  # what DeepSpeed picks anyway, minus its "unable to detect" warning line
-        env["DS_ACCELERATOR"] = "cpu"
-    saved_env = {key: os.environ.get(key) for key in env}
-    saved_threads = torch.get_num_threads()
-    saved_verbosity = transformers.logging.get_verbosity()
-    hf_bars = transformers.utils.logging.is_progress_bar_enabled()
-    ds_bars = datasets.is_progress_bar_enabled()
-    with warnings.catch_warnings():
-        for key, value in env.items():
-            os.environ.setdefault(key, value)
+    env = dict(_DEMO_ENV, **({} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}))  # DeepSpeed's pick
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, {k: os.environ.get(k, v) for k, v in env.items()}))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
         if threads > 0:
             torch.set_num_threads(threads)
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()  # the "Loading weights" bar of every from_pretrained
+        stack.callback(hf_logging.set_verbosity, hf_logging.get_verbosity())
+        hf_logging.set_verbosity_error()
+        if hf_logging.is_progress_bar_enabled():  # the "Loading weights" bar of every from_pretrained
+            stack.callback(hf_logging.enable_progress_bar)
+        if datasets.is_progress_bar_enabled():
+            stack.callback(datasets.enable_progress_bars)
+        hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        try:
-            yield
-        finally:
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            torch.set_num_threads(saved_threads)
-            transformers.logging.set_verbosity(saved_verbosity)
-            if hf_bars:
-                transformers.utils.logging.enable_progress_bar()
-            if ds_bars:
-                datasets.enable_progress_bars()
+        yield
 
 
 def run_demo(
@@ -100,94 +84,51 @@ def run_demo(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     preset = P.PRESETS[size]
-    hparams = P.DEFAULT_HPARAMS[size][trainer]
     overrides = {"learning_rate": learning_rate, "beta": beta, "alpha": alpha}
-    hparams = replace(hparams, **{k: v for k, v in overrides.items() if v is not None})
+    hparams = replace(P.DEFAULT_HPARAMS[size][trainer], **{k: v for k, v in overrides.items() if v is not None})
 
     prepared = P.prepare(preset, seed, output_dir, show_progress=show_progress, log=log)
-    tokenizer = prepared.tokenizer
-    timings = dict(prepared.timings)
+    tokenizer, train_rows, timings = prepared.tokenizer, prepared.data["train"], dict(prepared.timings)
     sft_model = P.load_model(prepared.sft_dir)
-    n_params = sum(p.numel() for p in sft_model.parameters())
-
     log(f"Evaluating the SFT model on {len(prepared.data['test'])} held-out prompts")
     t0 = time.perf_counter()
     reference = P.make_reference(sft_model, tokenizer, prepared.data["test"])
     before = P.evaluate_policy(sft_model, tokenizer, reference, preset, seed, show_progress, desc="SFT")
     eval_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in sft_model.parameters())
     del sft_model
 
     log(f"Aligning with {P.METHOD_LABELS[trainer]} ({preset.align_steps} steps, {hparams})")
     result = P.align(
-        trainer,
-        prepared.sft_dir,
-        tokenizer,
-        prepared.data["train"],
-        prepared.data["val"],
-        hparams,
-        preset,
-        seed,
-        output_dir,
+        trainer, prepared.sft_dir, tokenizer, train_rows, prepared.data["val"], hparams, preset, seed, output_dir,
         show_progress=show_progress,
-    )
-    timings["align_s"] = result.wall_s
+    )  # fmt: skip
     t0 = time.perf_counter()
     after = P.evaluate_policy(result.model, tokenizer, reference, preset, seed, show_progress, desc="Aligned")
-    timings["eval_s"] = eval_s + time.perf_counter() - t0
+    timings.update(align_s=result.wall_s, eval_s=eval_s + time.perf_counter() - t0)
 
+    # X_before / X_after from the two evaluations, then the aligned model's likelihood changes vs the SFT model
+    renamed = {"reward": "reward_sampled", "reward_greedy": "reward_greedy", "exact": "exact_sampled"}
+    sides = {"before": before, "after": after}
     metrics: dict[str, Any] = {
-        "trainer": trainer,
-        "seed": seed,
-        "size": size,
-        "K": P.K,
-        "hparams": asdict(hparams),
-        "reward_before": before["reward_sampled"],
-        "reward_after": after["reward_sampled"],
-        "reward_greedy_before": before["reward_greedy"],
-        "reward_greedy_after": after["reward_greedy"],
-        "exact_before": before["exact_sampled"],
-        "exact_after": after["exact_sampled"],
-        "best_logp_change": after["best_logp_change"],
-        "rank_logp_change": after["rank_logp_change"],
-        "ideal_logp_change": after["ideal_logp_change"],
-        "ranking_accuracy": after["ranking_accuracy"],
-        "reward_protocol": (
-            f"mean ground-truth reward of {preset.eval_samples} samples per held-out prompt, temperature 1, no top-k/"
-            "top-p, fixed seed; *_greedy: greedy decoding"
-        ),
-        "n_test": len(reference.rows),
-        "eval_samples": preset.eval_samples,
-        "model": {
-            "architecture": "mistral",
-            "parameters": n_params,
-            "hidden_size": preset.hidden_size,
-            "num_hidden_layers": preset.num_hidden_layers,
-        },
-        "sft": {"n_demos": preset.n_demos, "p_correct": preset.p_correct, "epochs": preset.sft_epochs},
-        "align": {"steps": preset.align_steps, "batch": preset.align_batch},
+        "trainer": trainer, "seed": seed, "size": size, "K": P.K, "hparams": asdict(hparams),
+        **{f"{name}_{when}": ev[key] for name, key in renamed.items() for when, ev in sides.items()},
+        **{k: after[k] for k in ("best_logp_change", "rank_logp_change", "ideal_logp_change", "ranking_accuracy")},
+        "n_test": len(reference.rows), "parameters": n_params, "preset": asdict(preset),
         "dataset": {
-            "n_train_prompts": len(prepared.data["train"]),
-            "n_train_rows": result.n_train_rows,
-            "train_stats": P.reward_stats(prepared.data["train"]),
-            "path": str(output_dir / "reward_data"),
+            "n_train_prompts": len(train_rows), "n_train_rows": result.n_train_rows,
+            "train_stats": P.reward_stats(train_rows), "path": str(output_dir / "reward_data"),
         },
-        "likelihood": result.likelihood,
-        "log_history": result.log_history,
-        "before": before,
-        "after": after,
+        "likelihood": result.likelihood, "log_history": result.log_history, "before": before, "after": after,
         "timings": timings,
-    }
+    }  # fmt: skip
     results_dir = output_dir / trainer
-    results_dir.mkdir(parents=True, exist_ok=True)
-    plot_likelihood(
-        result.likelihood,
-        results_dir / "likelihood.png",
-        f"{P.METHOD_LABELS[trainer]}: held-out responses by reward rank (seed {seed})",
-    )
+    title = f"{P.METHOD_LABELS[trainer]}: held-out responses by reward rank (seed {seed})"
+    plot_likelihood(result.likelihood, results_dir / "likelihood.png", title)
     metrics["wall_s"] = time.perf_counter() - start
-    (results_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (results_dir / "metrics.json").write_text(text := json.dumps(metrics, indent=2))
     write_demo_report(metrics, results_dir / "report.md")
-    return metrics
+    return json.loads(text)  # what metrics.json holds (tuples as lists)
 
 
 def summary_text(metrics: dict[str, Any], output_dir: str | Path) -> str:
@@ -219,42 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline CPU demo: SFT a tiny model on digit sorting, sample K=4 scored responses per prompt, "
         "align with NCA / InfoNCA / DPO, and measure reward and likelihood changes on held-out prompts.",
     )
-    parser.add_argument(
-        "--output_dir", "--output-dir", default="trl-nca-demo", help="where to write artifacts (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--trainer",
-        choices=TRAINER_CHOICES,
-        default="nca",
-        help="nca (default), infonca, dpo (trl.DPOTrainer on best-vs-worst pairs), dpo_all (best vs each other), "
-        "plackett_luce or lipo_lambda (trl_nca.ListwiseTrainer on all K responses)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=("tiny", "small"), default="small", help="tiny: seconds, for tests")
-    parser.add_argument(
-        "--learning_rate",
-        "--learning-rate",
-        type=float,
-        default=None,
-        help="override the learning rate (defaults per trainer: the values the reproduction selected, see "
-        "docs/results.md)",
-    )
-    parser.add_argument("--beta", type=float, default=None, help="override β (KL strength)")
-    parser.add_argument("--alpha", type=float, default=None, help="override α (reward temperature, NCA/InfoNCA)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: these models are too small to gain much from more, and extra threads "
-        "slow down badly on a busy machine; 0 = torch's default)",
-    )
-    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--compare",
-        action="store_true",
-        help="run the reproduction instead (all methods x 3 seeds, tuned on a validation split; writes results.md "
-        "and plots to --output-dir); same as scripts/reproduce_results.py",
-    )
+    add = parser.add_argument
+    add("--output_dir", "--output-dir", default="trl-nca-demo", help="where to write artifacts (default: %(default)s)")
+    add("--trainer", choices=TRAINER_CHOICES, default="nca", help="nca (default), infonca, dpo (trl.DPOTrainer on "
+        "best-vs-worst pairs), dpo_all (best vs each other), plackett_luce or lipo_lambda (trl_nca.ListwiseTrainer "
+        "on all K responses)")  # fmt: skip
+    add("--seed", type=int, default=0)
+    add("--size", choices=("tiny", "small"), default="small", help="tiny: seconds, for tests")
+    add("--learning_rate", "--learning-rate", type=float, help="override the learning rate (defaults per trainer: "
+        "the values the reproduction selected, see docs/results.md)")  # fmt: skip
+    add("--beta", type=float, help="override β (KL strength)")
+    add("--alpha", type=float, help="override α (reward temperature, NCA/InfoNCA)")
+    add("--threads", type=int, default=1, help="torch CPU threads (default 1: these models are too small to gain much "
+        "from more, and extra threads slow down badly on a busy machine; 0 = torch's default)")  # fmt: skip
+    add("--no_progress", "--no-progress", action="store_true", help="no progress bars")
+    add("--compare", action="store_true", help=argparse.SUPPRESS)  # removed: `main` says where the reproduction is
     return parser
 
 
@@ -266,25 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.compare:
-        from trl_nca.demo.compare import main as compare_main
-
-        forwarded = ["--output-dir", args.output_dir, "--threads", str(args.threads), "--size", args.size, *rest]
-        if args.no_progress:
-            forwarded.append("--no-progress")
-        return compare_main(forwarded)
+        print(
+            "trl-nca demo: error: --compare was removed; the reproduction is `python scripts/reproduce_results.py` "
+            "in a checkout of the trl-nca repository (protocol and results: docs/results.md).",
+            file=sys.stderr,
+        )
+        return 2
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     with demo_runtime(args.threads):
-        metrics = run_demo(
-            args.output_dir,
-            trainer=args.trainer,
-            seed=args.seed,
-            size=args.size,
-            learning_rate=args.learning_rate,
-            beta=args.beta,
-            alpha=args.alpha,
-            show_progress=not args.no_progress,
-        )
+        chosen = {k: getattr(args, k) for k in ("trainer", "seed", "size", "learning_rate", "beta", "alpha")}
+        metrics = run_demo(args.output_dir, **chosen, show_progress=not args.no_progress)
     print(summary_text(metrics, args.output_dir))
     return 0
 

@@ -9,13 +9,7 @@ divided by the length of the longer of the two:
   copying the input unsorted scores its longest already-sorted subsequence;
 - ``0.0`` for an empty or unparsable answer. Tokens that are not single digits never match.
 
-Why this is a fair small-scale stand-in for UltraFeedback-style reward data: the reward is a scalar, graded, and
-computed from the response alone (like a judge's score); a tiny model sampled K times produces responses of visibly
-different quality for the same prompt; and the interesting failure modes of preference optimisation (shared prefixes
-between good and bad responses, likelihood moving away from the good ones) appear because good and bad answers differ
-in only a few tokens. What it cannot show: anything about open-ended text quality, reward-model error or reward
-hacking (the reward here is exact), long responses, or how the methods scale with model size.
-
+Why it is a fair small-scale stand-in for UltraFeedback-style reward data, and what it cannot show: docs/demo.md.
 The imperfect demonstrator used for SFT sorts correctly only part of the time and otherwise makes the kinds of mistakes
 the reward grades: swaps, drops, insertions, substitutions, early stops and unsorted copies.
 """
