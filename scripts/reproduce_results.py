@@ -59,24 +59,14 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(output_dir: str, size: str) -> None:
-    """Each worker: offline, 1 torch thread, quiet libraries (as `trl-nca demo`)."""
-    import warnings
-
-    import datasets
-    import torch
-    import transformers
-
+    """Each worker: offline, 1 torch thread, quiet libraries (`trl-nca demo`'s runtime, entered for its life)."""
     from trl_nca.cli_common import hold_optional_kernel_logs
+    from trl_nca.demo.run import demo_runtime
 
     hold_optional_kernel_logs()  # bitsandbytes' import-time kernel warnings: the reproduction never quantizes
-    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore")
-    _WORKER.update(output_dir=Path(output_dir), size=size)
+    runtime = demo_runtime(threads=1)
+    runtime.__enter__()
+    _WORKER.update(output_dir=Path(output_dir), size=size, runtime=runtime)  # kept: exiting it restores the defaults
 
 
 def _workdir(regime: str, seed: int) -> Path:
@@ -238,7 +228,7 @@ def plan(args: argparse.Namespace, selected: dict[str, dict[str, float]] | None)
     return jobs
 
 
-def run_jobs(jobs: list[dict[str, Any]], pool: Any, done: dict[tuple, dict[str, Any]], bar: Any) -> None:
+def run_jobs(jobs: list[dict[str, Any]], pool: Any, workers: int, done: dict[tuple, dict[str, Any]], bar: Any) -> None:
     """Run the jobs not already in `done` (same regime, method, seed, split and hyper-parameters), filling `done`."""
     todo = {}
     for job in jobs:
@@ -249,7 +239,7 @@ def run_jobs(jobs: list[dict[str, Any]], pool: Any, done: dict[tuple, dict[str, 
     futures: dict[Future, tuple] = {}
     queue = list(todo.items())
     while queue or futures:
-        while queue and len(futures) < 2 * pool._max_workers:
+        while queue and len(futures) < 2 * workers:
             key, job = queue.pop(0)
             futures[pool.submit(run_job, job)] = key
         finished, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -374,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             future.result()
             bar.update()
         first = plan(args, None)
-        run_jobs(first, pool, done, bar)
+        run_jobs(first, pool, args.workers, done, bar)
         selected = select(list(done.values()), tuple(args.methods))
         second = plan(args, selected)
-        run_jobs(second, pool, done, bar)
+        run_jobs(second, pool, args.workers, done, bar)
     wall = time.perf_counter() - start
     results = assemble(args, done, selected, first + second)
     command = "python scripts/reproduce_results.py" + (" " + shlex.join(argv) if argv else "")
