@@ -36,6 +36,16 @@ def _is_zero3() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
+def finish() -> None:
+    """Wait for every rank, then leave the process group as `trl-nca`'s commands do at a successful exit
+    (`trl_nca.cli_common.end_process_group`, which says why)."""
+    from trl_nca.cli_common import end_process_group
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    end_process_group()
+
+
 class ShardProbe(TrainerCallback):
     """Record the distributed set-up and parameter sharding at train begin, and the final full weights at train end."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from conftest import cpu_args
 from datasets import Dataset
+from distributed_probes import finish
 from layout_models import position_blind_llama
 from test_shared_prompt import kway_rows
 
@@ -42,6 +43,7 @@ def main(out: Path) -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(record))
+    finish()
 
 
 if __name__ == "__main__":

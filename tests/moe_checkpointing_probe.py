@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from conftest import cpu_args
 from datasets import Dataset
-from distributed_probes import ShardProbe, _is_zero3
+from distributed_probes import ShardProbe, _is_zero3, finish
 from safetensors.torch import load_file
 from test_moe_checkpointing import router_lora
 from test_shared_prompt import kway_rows
@@ -79,6 +79,7 @@ def main(out: Path, checkpointing: str, coef: float) -> None:
         "aux_losses": record.aux_losses,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
+    finish()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import sys
 
 import torch
 from datasets import Dataset
+from distributed_probes import finish
 
 from trl_nca import NCAConfig, NCATrainer
 from trl_nca.tiny import build_tiny_model, build_tokenizer
@@ -56,6 +57,7 @@ def main(out: str) -> None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         with open(f"{out}/metrics.json", "w") as handle:
             json.dump(results, handle)
+    finish()
 
 
 if __name__ == "__main__":

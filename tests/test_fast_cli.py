@@ -362,3 +362,36 @@ def test_iterate_names_the_key_in_its_own_config_not_the_stage_file_it_writes(
     monkeypatch.chdir(tmp_path)
     assert cli_main(["iterate", str(config)]) == 2
     assert capsys.readouterr().err.strip() == f"trl-nca iterate: error: {expected}"
+
+
+EXIT_PROBE = """
+import sys
+import torch.distributed as dist
+from trl_nca.cli_common import exit_process
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+status = int(sys.argv[2])
+try:
+    exit_process(status)
+except SystemExit as exit:
+    print(exit.code, dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize(("status", "initialized"), [(0, False), (2, True)])
+def test_a_successful_exit_leaves_the_process_group_first(tmp_path, status, initialized):
+    """Destroyed after a success (a process that exits with gloo's threads alive can abort with SIGABRT); kept after
+    a failure, where a peer may still be inside a collective."""
+    store = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, str(store), str(status)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(status), str(initialized)]
+
+
+def test_exit_process_imports_no_torch():
+    code = "import sys\nfrom trl_nca.cli_common import exit_process\ntry:\n    exit_process(0)\nexcept SystemExit:\n"
+    code += "    print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

@@ -73,6 +73,7 @@ PROBE = textwrap.dedent(
     import torch
 
     from trl_nca import generation
+    from trl_nca.cli_common import exit_process
     from trl_nca.scripts.generate import main
 
     close = generation.VLLMSampler.close
@@ -98,7 +99,7 @@ PROBE = textwrap.dedent(
     generation.VLLMSampler.close = probed_close
 
     if __name__ == "__main__":
-        sys.exit(main())
+        exit_process(main())  # as `trl_nca.scripts.generate` ends
     """
 )
 

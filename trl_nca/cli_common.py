@@ -268,12 +268,26 @@ def restore_interrupt() -> None:
 def exit_process(status: int) -> None:
     """End this process with `status`. After an interruption (130) the process ends at once (``os._exit``, streams
     flushed): CPython kills itself with SIGINT at exit (status -2) when a KeyboardInterrupt crossed some C extension's
-    import, even one the command caught and reported."""
+    import, even one the command caught and reported.
+
+    After a success the process group of a multi-process launch is destroyed first: a process that exits with gloo's
+    worker threads still alive can abort at interpreter teardown ("terminate called without an active exception",
+    SIGABRT) after all its work is written. Only then, as a failed rank's peers may still be inside a collective."""
     if status == 130:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+    if status == 0:
+        end_process_group()
     sys.exit(status)
+
+
+def end_process_group() -> None:
+    """Destroy torch.distributed's default process group if this process initialised one (a no-op otherwise, and
+    without importing torch when nothing imported it)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def interrupted_message(output_dir: str | None, machines: int = 1) -> str:
