@@ -13,24 +13,15 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 
+from trl_nca.demo.pipeline import METHOD_LABELS
+
 ROOT = Path(__file__).resolve().parents[1]
 rr = load_script(ROOT / "scripts" / "results_report.py")
 
 # t(0.975, dof) from printed tables (e.g. NIST/SEMATECH e-Handbook, Table 1.3.6.7.2), more digits than the pages show.
 T975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105, 9: 2.262157163, 29: 2.045229642}
 
-LABELS = {
-    "sft": "SFT only",
-    "dpo": "DPO (best vs worst)",
-    "dpo_all": "DPO (best vs each other)",
-    "dpo_random": "DPO (best vs random)",
-    "nca_pair": "NCA (best-vs-random pairs)",
-    "infonca_pair": "InfoNCA (best-vs-random pairs)",
-    "plackett_luce": "Plackett-Luce DPO",
-    "lipo_lambda": "LiPO-λ",
-    "infonca": "InfoNCA",
-    "nca": "NCA",
-}
+LABELS = METHOD_LABELS  # what the reproduction writes to every JSON's `labels`
 SELF_METHODS = [
     "dpo",
     "dpo_all",
